@@ -1,0 +1,34 @@
+"""What the engine sees of one query."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from proxy.core import wire
+
+
+class QueryView(NamedTuple):
+    """One client query, read from its bytes.  Built per query only when
+    rules are loaded, so it is a cheap NamedTuple rather than a dataclass."""
+
+    wire: bytes
+    """The query exactly as the client sent it (client's own ID)."""
+    qend: int
+    """Offset just past the question section."""
+    qname: str
+    """Lower case, no trailing dot; "" for the root."""
+    qtype: int
+    """Numeric query type (1 = A, 28 = AAAA, ...)."""
+    client: str
+    """The client's IP address as text ("127.0.0.1", "::1")."""
+    transport: str
+    """"udp" or "tcp"."""
+    listener: str
+    """The local address the query arrived on, "host:port" ("[::1]:5353" for IPv6)."""
+
+    @classmethod
+    def parse(cls, data: bytes, client: str, transport: str, listener: str = "") -> "QueryView":
+        """Parse a query; raises proxy.errors.MalformedQuery."""
+        qend = wire.question_end(data)
+        return cls(data, qend, wire.qname_text(data, qend), wire.qtype_of(data, qend),
+                   client, transport, listener)

@@ -1,0 +1,35 @@
+"""Names and numbers of query types and response codes."""
+
+from __future__ import annotations
+
+from dnslib import QTYPE, RCODE
+
+
+def qtype_number(value: str | int) -> int:
+    """'AAAA' -> 28, '65' -> 65, 'TYPE65' -> 65; ValueError for unknown names."""
+    text = str(value).strip().upper()
+    if text.isdigit() and 0 <= int(text) <= 65535:
+        return int(text)
+    if text.startswith("TYPE") and text[4:].isdigit():
+        return int(text[4:])
+    try:
+        return int(getattr(QTYPE, text))
+    except AttributeError:
+        raise ValueError(f"unknown query type {value!r}") from None
+
+
+def qtype_name(number: int) -> str:
+    return str(QTYPE.get(number, f"TYPE{number}"))
+
+
+def rcode_number(value: str | int) -> int:
+    """'NXDOMAIN' -> 3, 2 -> 2; ValueError for unknown names or out of range."""
+    text = str(value).strip().upper()
+    if text.isdigit():
+        if int(text) > 4095:
+            raise ValueError(f"rcode {value} out of range 0-4095")
+        return int(text)
+    try:
+        return int(getattr(RCODE, text))
+    except AttributeError:
+        raise ValueError(f"unknown rcode {value!r}") from None

@@ -1,0 +1,182 @@
+"""DNS wire format on raw bytes: just enough for the hot path.
+
+The forwarder never decodes a whole message on the hot path.  It reads the
+12-byte header, walks the single question's labels to find where the
+question ends, and copies bytes.  Replies that the proxy makes itself
+(REFUSED, SERVFAIL, FORMERR, NOTIMP) are also built from the query's bytes.
+A full dnslib decode happens only where a fault needs one.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from proxy.errors import MalformedQuery
+
+HEADER_LEN = 12
+
+# Header flag bits (byte 2 and byte 3 of the header).
+QR = 0x80  # byte 2
+OPCODE_MASK = 0x78  # byte 2
+AA = 0x04  # byte 2
+TC = 0x02  # byte 2
+RD = 0x01  # byte 2
+RA = 0x80  # byte 3
+RCODE_MASK = 0x0F  # byte 3
+
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+
+OPT = 41
+EDNS_UDP_SIZE = 1232  # the DNS flag day 2020 default
+
+_QDCOUNT_ONE = b"\x00\x01"
+
+
+def question_end(data: bytes) -> int:
+    """Validate a query's header and return the offset just past its question.
+
+    Raises MalformedQuery (with the rcode to answer, or None to drop) for
+    anything a forwarder should not pass on: short packets, responses,
+    opcodes other than QUERY, a question count other than one, labels that
+    run past the end, and compression pointers inside the question.
+    """
+    if len(data) < HEADER_LEN:
+        raise MalformedQuery("shorter than a DNS header", rcode=None)
+    flags = data[2]
+    if flags & QR:
+        raise MalformedQuery("QR bit set on a query", rcode=None)
+    if flags & OPCODE_MASK:
+        raise MalformedQuery(f"opcode {(flags & OPCODE_MASK) >> 3} not supported", rcode=NOTIMP)
+    if data[4:6] != _QDCOUNT_ONE:
+        raise MalformedQuery(f"question count {data[4] << 8 | data[5]}", rcode=FORMERR)
+    pos = HEADER_LEN
+    end = len(data)
+    while True:
+        if pos >= end:
+            raise MalformedQuery("question name runs past the end", rcode=FORMERR)
+        length = data[pos]
+        if length == 0:
+            break
+        if length > 63:
+            raise MalformedQuery("compressed or invalid label in the question", rcode=FORMERR)
+        pos += length + 1
+    if pos - HEADER_LEN >= 255:
+        raise MalformedQuery("question name longer than 255 bytes", rcode=FORMERR)
+    pos += 5  # the root label, QTYPE and QCLASS
+    if pos > end:
+        raise MalformedQuery("question cut short", rcode=FORMERR)
+    return pos
+
+
+def qname_text(data: bytes, qend: int) -> str:
+    """The question's name in lower case, without the trailing dot ("" for the root).
+
+    Bytes outside printable ASCII, dots and backslashes inside a label are
+    escaped as in zone files (\\DDD, \\.), so two different names never map
+    to the same text.
+    """
+    labels = []
+    pos = HEADER_LEN
+    stop = qend - 5
+    while pos < stop:
+        length = data[pos]
+        raw = data[pos + 1 : pos + 1 + length]
+        if raw.translate(None, _PLAIN):
+            labels.append(_escape(raw))
+        else:
+            labels.append(raw.decode("ascii"))
+        pos += length + 1
+    return ".".join(labels).lower()
+
+
+# Bytes that stand for themselves in a name's text form.
+_PLAIN = bytes(b for b in range(33, 127) if b not in b".\\")
+
+
+def _escape(raw: bytes) -> str:
+    out = []
+    for b in raw:
+        if b in _PLAIN:
+            out.append(chr(b))
+        elif b in b".\\":
+            out.append("\\" + chr(b))
+        else:
+            out.append(f"\\{b:03d}")
+    return "".join(out)
+
+
+def qtype_of(data: bytes, qend: int) -> int:
+    return data[qend - 4] << 8 | data[qend - 3]
+
+
+def rcode_of(data: bytes) -> int:
+    return data[3] & RCODE_MASK
+
+
+def find_opt(data: bytes, qend: int) -> bytes | None:
+    """The query's OPT record (EDNS) as raw bytes, or None when it has none.
+
+    Queries carry no answer or authority records in practice; if they do,
+    they are skipped over.  Returns None on anything malformed, since a
+    missing OPT only means the reply goes out without EDNS.
+    """
+    counts = struct.unpack_from("!HHH", data, 6)
+    if counts[2] == 0:
+        return None
+    pos = qend
+    try:
+        for index in range(sum(counts)):
+            start = pos
+            pos = _skip_name(data, pos)
+            rtype, _rclass, _ttl, rdlen = struct.unpack_from("!HHIH", data, pos)
+            pos += 10 + rdlen
+            if pos > len(data):
+                return None
+            if rtype == OPT and index >= counts[0] + counts[1]:
+                return data[start:pos]
+    except (IndexError, struct.error):
+        return None
+    return None
+
+
+def _skip_name(data: bytes, pos: int) -> int:
+    while True:
+        length = data[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            return pos + 2
+        pos += length + 1
+
+
+def reply_opt(query_opt: bytes | None) -> bytes:
+    """The OPT record for a reply the proxy builds itself: empty when the
+    query had no EDNS, else a plain OPT with our buffer size and the DO bit
+    copied from the query."""
+    if query_opt is None:
+        return b""
+    do_bit = query_opt[7] & 0x80 if len(query_opt) >= 11 else 0
+    return b"\x00" + struct.pack("!HHBBBBH", OPT, EDNS_UDP_SIZE, 0, 0, do_bit, 0, 0)
+
+
+def rcode_reply(query: bytes, qend: int, rcode: int, *, with_question: bool = True) -> bytes:
+    """A reply with no records, built from the query: same ID, question, RD
+    and CD bits, RA set, AA not set, the query's EDNS echoed."""
+    opt = reply_opt(find_opt(query, qend)) if qend else b""
+    flags2 = QR | (query[2] & RD)
+    flags3 = RA | (query[3] & 0x10) | (rcode & RCODE_MASK)  # 0x10 = CD
+    qd = 1 if with_question else 0
+    header = query[:2] + bytes((flags2, flags3)) + struct.pack("!HHHH", qd, 0, 0, 1 if opt else 0)
+    question = query[HEADER_LEN:qend] if with_question else b""
+    return header + question + opt
+
+
+def header_reply(query: bytes, rcode: int) -> bytes:
+    """A bare header reply for a query whose question cannot be trusted
+    (FORMERR, NOTIMP): the ID and opcode echoed, no sections."""
+    flags2 = QR | (query[2] & (OPCODE_MASK | RD))
+    return query[:2] + bytes((flags2, RA | (rcode & RCODE_MASK))) + b"\x00" * 8
+
+
+def with_id(message: bytes, txid: bytes) -> bytes:
+    return txid + message[2:]
