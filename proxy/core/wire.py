@@ -50,20 +50,19 @@ def question_end(data: bytes) -> int:
     if data[4:6] != _QDCOUNT_ONE:
         raise MalformedQuery(f"question count {data[4] << 8 | data[5]}", rcode=FORMERR)
     pos = HEADER_LEN
-    end = len(data)
-    while True:
-        if pos >= end:
-            raise MalformedQuery("question name runs past the end", rcode=FORMERR)
+    try:
         length = data[pos]
-        if length == 0:
-            break
-        if length > 63:
-            raise MalformedQuery("compressed or invalid label in the question", rcode=FORMERR)
-        pos += length + 1
+        while length:
+            if length > 63:
+                raise MalformedQuery("compressed or invalid label in the question", rcode=FORMERR)
+            pos += length + 1
+            length = data[pos]
+    except IndexError:
+        raise MalformedQuery("question name runs past the end", rcode=FORMERR) from None
     if pos - HEADER_LEN >= 255:
         raise MalformedQuery("question name longer than 255 bytes", rcode=FORMERR)
     pos += 5  # the root label, QTYPE and QCLASS
-    if pos > end:
+    if pos > len(data):
         raise MalformedQuery("question cut short", rcode=FORMERR)
     return pos
 

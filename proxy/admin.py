@@ -1,0 +1,31 @@
+"""The admin HTTP listener: health and metrics, served by aiohttp in the
+proxy's own event loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+
+def make_app(server: Any) -> web.Application:
+    app = web.Application()
+    app["server"] = server
+
+    async def health(request: web.Request) -> web.Response:
+        forwarder = server.forwarder
+        upstreams = {u.name: ("up" if u.up else "down") for u in forwarder.upstreams}
+        healthy = any(u.up for u in forwarder.upstreams)
+        return web.json_response(
+            {"status": "ok" if healthy else "degraded", "upstreams": upstreams},
+            status=200 if healthy else 503,
+        )
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = generate_latest(server.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,131 @@
+"""The proxy's own settings: command-line flags and the YAML config file
+share this one model, so both accept the same options."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, field_validator
+
+from proxy.core.model import Base, Cidr, Duration, parse_duration
+from proxy.errors import ConfigError
+
+DEFAULT_LISTEN = "127.0.0.1:5353"
+DEFAULT_ADMIN = "127.0.0.1:5380"
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+def split_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """'1.2.3.4' / '1.2.3.4:53' / '[::1]:53' / '::1' -> (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: expected an IP address, optionally with :port") from None
+    if port and not (port.isdigit() and 0 <= int(port) <= 65535):
+        raise ValueError(f"{text!r}: invalid port {port!r}")
+    return host, int(port) if port else default_port
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _hostport(default_port: int):
+    def check(value: str) -> str:
+        return format_hostport(*split_hostport(str(value), default_port))
+
+    return check
+
+
+def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[str]:
+    """The nameservers listed in resolv.conf, in order."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    servers = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                ipaddress.ip_address(parts[1].split("%")[0])
+            except ValueError:
+                continue
+            servers.append(format_hostport(parts[1].split("%")[0], 53))
+    return servers
+
+
+class Settings(Base):
+    """Every option of `dnschaos run`; the YAML config file has the same keys."""
+
+    listen: list[str] = Field(default_factory=lambda: [DEFAULT_LISTEN])
+    """Addresses to answer on, UDP and TCP: '127.0.0.1:5353', '[::1]:5353'."""
+    upstreams: list[str] = Field(default_factory=list)
+    """Resolvers to forward to; default: the nameservers in /etc/resolv.conf."""
+    admin: str | None = DEFAULT_ADMIN
+    """The HTTP listener for /metrics and the API; null turns it off."""
+    allow: list[Cidr] = Field(default_factory=lambda: list(LOOPBACK))
+    """Client networks that may query; others get REFUSED."""
+    policy: Literal["sequential", "round_robin", "random"] = "sequential"
+    """Which upstream is tried first: the first healthy one, each in turn, or any."""
+    timeout: PositiveDuration = 1.0
+    """Seconds to wait for one upstream before trying the next."""
+    deadline: PositiveDuration = 3.0
+    """Seconds after which a query that no upstream answered gets SERVFAIL."""
+    max_fails: Annotated[int, Field(ge=1)] = 3
+    """Consecutive timeouts after which an upstream is marked down."""
+    down_time: Duration = 5.0
+    """Seconds a down upstream is tried last, before it gets another chance."""
+    upstream_sockets: Annotated[int, Field(ge=1, le=1024)] = 16
+    """UDP sockets per upstream, each on its own random source port."""
+    max_pending: Annotated[int, Field(ge=1)] = 100_000
+    """Queries waiting for an upstream at most; beyond it, new ones get SERVFAIL."""
+    tcp_idle_timeout: PositiveDuration = 10.0
+    """Seconds a client TCP connection may stay idle before it is closed."""
+    tcp_max_connections: Annotated[int, Field(ge=1)] = 1000
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    uvloop: bool = True
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, values: list[str]) -> list[str]:
+        if not values:
+            raise ValueError("at least one listen address is needed")
+        return [_hostport(5353)(v) for v in values]
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstreams(cls, values: list[str]) -> list[str]:
+        return [_hostport(53)(v) for v in values]
+
+    @field_validator("admin")
+    @classmethod
+    def _admin(cls, value: str | None) -> str | None:
+        return None if value in (None, "", "off") else _hostport(5380)(value)
+
+    def with_resolv_conf(self, path: str = "/etc/resolv.conf") -> Settings:
+        """Fill in upstreams from resolv.conf when none were given."""
+        if self.upstreams:
+            return self
+        found = [u for u in resolv_conf_nameservers(path) if not self._is_own_listener(u)]
+        if not found:
+            raise ConfigError(
+                f"no upstream resolver: {path} lists none (besides this proxy); "
+                "give one with --upstream HOST[:PORT] or 'upstreams:' in the config file"
+            )
+        return self.model_copy(update={"upstreams": found})
+
+    def _is_own_listener(self, upstream: str) -> bool:
+        return upstream in self.listen

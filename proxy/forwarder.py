@@ -1,0 +1,481 @@
+"""Forwarding: from a client's query to the upstream's answer and back.
+
+How it works:
+- Each upstream has a few UDP sockets, each connected to it from its own
+  kernel-chosen random port.  A query goes out on one of them, picked at
+  random, under a fresh random ID; that socket's pending table maps the ID to
+  the query's state (a list, see the field indexes below).  A connected
+  socket only receives datagrams from its upstream's address.
+- A reply is accepted only when its ID is pending on that socket, it is a
+  response, and its question is the query's question; anything else is
+  counted and dropped, and the query goes on waiting for the real answer.
+  The client gets its own ID back.
+- Timeouts need no timer per query.  Every attempt waits the same time
+  (`deadline` split into equal attempts of at most `timeout`), and a pending
+  table is a dict, which keeps insertion order: its oldest attempts are at
+  the front.  A periodic sweep pops attempts from the front while they are
+  expired and retries each on the next upstream of the query's order; after
+  the last attempt the client gets SERVFAIL, at the deadline, never silence.
+- An upstream that times out `max_fails` times in a row is marked down and
+  tried last for `down_time` seconds, then gets another chance.
+- Nothing here decodes a whole message: the header and question are read
+  from the bytes.  Only when rules are loaded is a QueryView built and handed
+  to the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import os
+import random
+import struct
+import time
+from typing import Any
+
+from proxy.config import Settings, split_hostport
+from proxy.core import wire
+from proxy.core.query import QueryView
+from proxy.core.verdict import Drop, Forward, Reply
+from proxy.errors import DnschaosError, MalformedQuery
+from proxy.stats import Stats, UpstreamStats
+
+log = logging.getLogger("dnschaos.forwarder")
+
+SWEEP_INTERVAL = 0.05  # seconds between timeout sweeps: the timeouts' granularity
+
+# Fields of a pending query (a list: cheaper to build per query than an object).
+CLIENT_ID, ADDR, REPLY_TO, TCP, QUESTION, QUERY, ORDER, TRIES, SENT, RESPOND, VIEW = range(11)
+
+_QR_BIT = wire.QR
+_TC_BIT = wire.TC
+_ONE = b"\x00\x01"
+
+
+class Upstream:
+    """One upstream resolver: its sockets, its health and its counters."""
+
+    def __init__(self, host: str, port: int, name: str) -> None:
+        self.addr = (host, port)
+        self.name = name
+        self.sockets: list[UpstreamSocket] = []
+        self.fails = 0
+        self.down_until = 0.0  # loop time; 0 when up
+        self.stats = UpstreamStats()
+
+    @property
+    def up(self) -> bool:
+        return self.down_until == 0.0
+
+    def sent(self) -> int:
+        return sum(sock.sent for sock in self.sockets) + self.stats.requests
+
+    def replies(self) -> int:
+        return sum(sock.replies for sock in self.sockets) + self.stats.replies
+
+
+class UpstreamSocket(asyncio.DatagramProtocol):
+    """One connected UDP socket towards an upstream, with its pending IDs."""
+
+    def __init__(self, forwarder: Forwarder, upstream: Upstream) -> None:
+        self.forwarder = forwarder
+        self.upstream = upstream
+        self.pending: dict[bytes, list] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.sent = 0
+        self.replies = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        txid = data[:2]
+        pending = self.pending
+        entry = pending.get(txid)
+        if entry is None:
+            self.forwarder.stats.unmatched_replies += 1
+            return
+        question = entry[QUESTION]
+        if not (
+            len(data) >= 12 and data[2] & _QR_BIT and data[4:6] == _ONE
+            and (data.startswith(question, 12) or _same_question(data, question))
+        ):
+            self.forwarder.stats.mismatched_replies += 1
+            return
+        del pending[txid]
+        self.replies += 1
+        upstream = self.upstream
+        if upstream.fails:
+            self.forwarder.mark_alive(upstream)
+        if (entry[TCP] and data[2] & _TC_BIT) or entry[RESPOND] is not None:
+            self.forwarder.answer_slowly(entry, data, upstream)
+            return
+        self.forwarder.stats.answers += 1
+        entry[REPLY_TO].sendto(entry[CLIENT_ID] + data[2:], entry[ADDR])
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (port unreachable) on a connected socket: the timeout
+        # logic handles the consequences; count it for visibility.
+        self.upstream.stats.errors += 1
+
+
+def _same_question(data: bytes, question: bytes) -> bool:
+    """Same name ignoring ASCII case (some servers change it), same type and class."""
+    end = 12 + len(question)
+    got = data[12:end]
+    return (
+        len(got) == len(question) and got[-4:] == question[-4:]
+        and got[:-4].lower() == question[:-4].lower()
+    )
+
+
+class Forwarder:
+    """Takes queries from the frontends and carries them to the upstreams."""
+
+    def __init__(self, settings: Settings, engine: Any, stats: Stats | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.stats = stats or Stats()
+        self.rng = rng or random.Random(int.from_bytes(os.urandom(8), "big"))
+        self.upstreams = [
+            Upstream(*split_hostport(u, 53), name=u) for u in settings.upstreams
+        ]
+        # Equal attempts of at most `timeout` that add up to the deadline.
+        self.attempts = max(1, math.ceil(settings.deadline / settings.timeout - 1e-9))
+        self.attempt_timeout = settings.deadline / self.attempts
+        self.sockets: list[UpstreamSocket] = []
+        self.pending_cap = 1
+        self._orders: list[tuple[Upstream, ...]] = []
+        self._turn = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._allowed = [ipaddress.ip_network(n) for n in settings.allow]
+        self._acl_cache: dict[str, bool] = {}
+        self._random = b""
+        self._random_pos = 0
+        self._delayed: dict[int, tuple[asyncio.TimerHandle, tuple]] = {}
+        self._delay_seq = 0
+        self._tasks: set[asyncio.Task] = set()
+        self.loop: Any = None
+
+    @property
+    def inflight(self) -> int:
+        """Queries waiting for an upstream."""
+        return sum(len(sock.pending) for sock in self.sockets) + len(self._tasks)
+
+    # --- life cycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for upstream in self.upstreams:
+            for _ in range(self.settings.upstream_sockets):
+                _, protocol = await self.loop.create_datagram_endpoint(
+                    lambda u=upstream: UpstreamSocket(self, u), remote_addr=upstream.addr
+                )
+                upstream.sockets.append(protocol)
+                self.sockets.append(protocol)
+        self.pending_cap = max(1, self.settings.max_pending // max(1, len(self.sockets)))
+        self._recompute_orders()
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+        for handle, _args in self._delayed.values():
+            handle.cancel()
+        self._delayed.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        for sock in self.sockets:
+            if sock.transport:
+                sock.transport.close()
+        self.sockets.clear()
+        for upstream in self.upstreams:
+            upstream.sockets.clear()
+
+    # --- the query path ----------------------------------------------------
+
+    def handle(self, data: bytes, addr: Any, reply_to: Any, tcp: bool, listener: str) -> None:
+        """A query from a client.  `reply_to.sendto(bytes, addr)` answers it."""
+        try:
+            qend = wire.question_end(data)
+        except MalformedQuery as exc:
+            self._malformed(data, addr, reply_to, exc)
+            return
+        allowed = self._acl_cache.get(addr[0])
+        if allowed is None:
+            allowed = self._acl_check(addr[0])
+        if not allowed:
+            self.stats.refused += 1
+            reply_to.sendto(wire.rcode_reply(data, qend, wire.REFUSED), addr)
+            return
+        if self.engine.active:
+            self._consult_engine(data, qend, addr, reply_to, tcp, listener)
+            return
+        orders = self._orders
+        if orders:
+            self._turn += 1
+            self._send_attempt([data[:2], addr, reply_to, tcp, data[12:qend], data,
+                                orders[self._turn % len(orders)], 0, 0.0, None, None])
+        else:
+            self._servfail_now(data, qend, addr, reply_to)
+
+    def forward(self, data: bytes, qend: int, addr: Any, reply_to: Any, tcp: bool,
+                respond: Forward | None, view: QueryView | None) -> None:
+        """Forward a query, with `respond` to pass the answer through the engine."""
+        orders = self._orders
+        if not orders:
+            self._servfail_now(data, qend, addr, reply_to)
+            return
+        self._turn += 1
+        self._send_attempt([data[:2], addr, reply_to, tcp, data[12:qend], data,
+                            orders[self._turn % len(orders)], 0, 0.0, respond, view])
+
+    def _send_attempt(self, entry: list) -> None:
+        order = entry[ORDER]
+        tries = entry[TRIES]
+        upstream = order[tries % len(order)]
+        entry[TRIES] = tries + 1
+        entry[SENT] = self.loop.time()
+        pos = self._random_pos
+        randoms = self._random
+        if pos >= len(randoms):
+            self._random = randoms = os.urandom(3 * 4096)
+            pos = 0
+        self._random_pos = pos + 3
+        sockets = upstream.sockets
+        sock = sockets[randoms[pos + 2] % len(sockets)]
+        pending = sock.pending
+        if len(pending) >= self.pending_cap:
+            self.stats.servfail_overload += 1
+            self._servfail(entry)
+            return
+        txid = randoms[pos:pos + 2]
+        while txid in pending:
+            txid = os.urandom(2)
+        pending[txid] = entry
+        sock.sent += 1
+        sock.transport.sendto(txid + entry[QUERY][2:])  # type: ignore[union-attr]
+
+    def answer_slowly(self, entry: list, data: bytes, upstream: Upstream) -> None:
+        """A valid reply that needs more than relaying: a truncated answer
+        for a TCP client, or an answer a fault acts on."""
+        if entry[TCP] and data[2] & _TC_BIT:
+            self.stats.truncated_retries += 1
+            self._spawn(self._retry_over_tcp(entry, upstream))
+            return
+        self._deliver(entry, entry[CLIENT_ID] + data[2:])
+
+    def _deliver(self, entry: list, reply: bytes | None) -> None:
+        respond = entry[RESPOND]
+        if respond is not None:
+            try:
+                reply = self.engine.on_response(entry[VIEW], respond, reply, time.time(), self.rng)
+            except Exception:  # a bug in a fault must not lose the answer
+                log.exception("fault engine failed on a response; passing it through")
+                self.stats.engine_errors += 1
+            if reply is None:
+                self.stats.fault_dropped += 1
+                return
+        self.stats.answers += 1
+        entry[REPLY_TO].sendto(reply, entry[ADDR])
+
+    def _servfail(self, entry: list) -> None:
+        query = entry[QUERY]
+        self._servfail_now(query, 12 + len(entry[QUESTION]), entry[ADDR], entry[REPLY_TO])
+
+    def _servfail_now(self, query: bytes, qend: int, addr: Any, reply_to: Any) -> None:
+        self.stats.servfail_sent += 1
+        reply_to.sendto(wire.rcode_reply(query, qend, wire.SERVFAIL), addr)
+
+    # --- timeouts and health ------------------------------------------------
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        sent_before = now - self.attempt_timeout
+        for sock in self.sockets:
+            pending = sock.pending
+            expired = []
+            for txid, entry in pending.items():
+                if entry[SENT] > sent_before:
+                    break  # the rest were sent later still
+                expired.append(txid)
+            for txid in expired:
+                self._expire(pending.pop(txid), sock.upstream, now)
+        for upstream in self.upstreams:
+            if upstream.down_until and upstream.down_until <= now:
+                self._give_another_chance(upstream)
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _expire(self, entry: list, upstream: Upstream, now: float) -> None:
+        upstream.stats.timeouts += 1
+        upstream.fails += 1
+        if upstream.fails >= self.settings.max_fails and upstream.up:
+            upstream.down_until = now + self.settings.down_time
+            log.warning("upstream %s marked down after %d timeouts in a row",
+                        upstream.name, upstream.fails)
+            self._recompute_orders()
+        if entry[TRIES] < self.attempts:
+            self._send_attempt(entry)  # the next upstream of the query's order
+        else:
+            self.stats.servfail_deadline += 1
+            self._servfail(entry)
+
+    def mark_alive(self, upstream: Upstream) -> None:
+        was_down = not upstream.up
+        upstream.fails = 0
+        upstream.down_until = 0.0
+        if was_down:
+            log.warning("upstream %s answers again", upstream.name)
+            self._recompute_orders()
+
+    def _give_another_chance(self, upstream: Upstream) -> None:
+        # Back among the healthy, one timeout away from being marked down again.
+        upstream.down_until = 0.0
+        upstream.fails = self.settings.max_fails - 1
+        log.info("upstream %s gets another chance", upstream.name)
+        self._recompute_orders()
+
+    def _recompute_orders(self) -> None:
+        """The orders in which upstreams are tried: healthy ones first, in
+        configured order (sequential), rotated per query (round_robin), or a
+        random rotation per query (random)."""
+        up = [u for u in self.upstreams if u.up]
+        down = [u for u in self.upstreams if not u.up]
+        policy = self.settings.policy
+        if policy == "sequential" or len(up) <= 1:
+            orders = [tuple(up + down)]
+        else:
+            orders = [tuple(up[i:] + up[:i] + down) for i in range(len(up))]
+            if policy == "random":
+                # Queries walk this list in turn; a long shuffled list makes the
+                # first choice random per query without a draw per query.
+                orders = [self.rng.choice(orders) for _ in range(64 * len(orders))]
+        self._orders = orders if self.upstreams else []
+
+    # --- TCP retry after truncation -----------------------------------------
+
+    async def _retry_over_tcp(self, entry: list, upstream: Upstream) -> None:
+        upstream.stats.tcp_requests += 1
+        try:
+            reply = await asyncio.wait_for(
+                tcp_exchange(upstream.addr, entry[QUERY], entry[QUESTION]),
+                self.settings.deadline,
+            )
+        except (OSError, asyncio.TimeoutError, DnschaosError) as exc:
+            log.info("TCP retry to %s failed: %s", upstream.name, exc or type(exc).__name__)
+            upstream.stats.errors += 1
+            self.stats.tcp_upstream_errors += 1
+            self._servfail(entry)
+            return
+        self._deliver(entry, entry[CLIENT_ID] + reply[2:])
+
+    # --- the engine ----------------------------------------------------------
+
+    def _consult_engine(self, data: bytes, qend: int, addr: Any, reply_to: Any, tcp: bool,
+                        listener: str) -> None:
+        try:
+            view = QueryView(data, qend, wire.qname_text(data, qend), wire.qtype_of(data, qend),
+                             addr[0], "tcp" if tcp else "udp", listener)
+            verdict = self.engine.on_query(view, time.time(), self.rng)
+        except Exception:  # fail open: a bug in a fault must not break DNS
+            log.exception("fault engine failed on a query; forwarding it unchanged")
+            self.stats.engine_errors += 1
+            verdict, view = None, None
+        if verdict is None:
+            self.forward(data, qend, addr, reply_to, tcp, None, None)
+            return
+        kind = type(verdict)
+        if kind is Forward:
+            respond = verdict if verdict.respond is not None else None
+            args = (data, qend, addr, reply_to, tcp, respond, view)
+            if verdict.delay > 0:
+                self._later(verdict.delay, self.forward, args, args)
+            else:
+                self.forward(*args)
+            return
+        self.stats.faulted += 1
+        released = (data, qend, addr, reply_to, tcp, None, None)
+        if kind is Reply:
+            if verdict.delay > 0:
+                self._later(verdict.delay, reply_to.sendto, (verdict.wire, addr), released)
+            else:
+                reply_to.sendto(verdict.wire, addr)
+        elif kind is Drop and tcp and verdict.close_tcp:
+            self._later(verdict.delay, reply_to.close, (), released)
+
+    def _later(self, delay: float, callback: Any, args: tuple, released: tuple) -> None:
+        """Run callback(*args) after `delay`; `release_delayed` forwards
+        `released` instead, at once."""
+        self._delay_seq += 1
+        key = self._delay_seq
+
+        def fire() -> None:
+            del self._delayed[key]
+            callback(*args)
+
+        self._delayed[key] = (self.loop.call_later(delay, fire), released)  # type: ignore
+
+    def release_delayed(self) -> int:
+        """Forward every query waiting in a fault's delay now, unfaulted.
+        Called when faults are stopped, so nothing is left hanging."""
+        held = list(self._delayed.values())
+        self._delayed.clear()
+        for handle, released in held:
+            handle.cancel()
+            self.forward(*released)
+        return len(held)
+
+    # --- small helpers -------------------------------------------------------
+
+    def _malformed(self, data: bytes, addr: Any, reply_to: Any, exc: MalformedQuery) -> None:
+        self.stats.malformed += 1
+        if exc.rcode is None:
+            return
+        if exc.rcode == wire.FORMERR:
+            self.stats.formerr += 1
+        else:
+            self.stats.notimp += 1
+        reply_to.sendto(wire.header_reply(data, exc.rcode), addr)
+
+    def _acl_check(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip.split("%")[0])
+        except ValueError:
+            allowed = False
+        else:
+            if address.version == 6 and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            allowed = any(address in net for net in self._allowed)
+        if len(self._acl_cache) >= 65536:
+            self._acl_cache.clear()
+        self._acl_cache[ip] = allowed
+        return allowed
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def tcp_exchange(addr: tuple[str, int], query: bytes, question: bytes) -> bytes:
+    """Send `query` over a new TCP connection under a fresh ID; return the
+    reply after checking its ID and question."""
+    txid = os.urandom(2)
+    reader, writer = await asyncio.open_connection(addr[0], addr[1])
+    try:
+        writer.write(struct.pack("!H", len(query)) + txid + query[2:])
+        await writer.drain()
+        while True:
+            (length,) = struct.unpack("!H", await reader.readexactly(2))
+            reply = await reader.readexactly(length)
+            if reply[:2] == txid and len(reply) >= 12 and reply[2] & _QR_BIT and (
+                reply.startswith(question, 12) or _same_question(reply, question)
+            ):
+                return reply
+    except asyncio.IncompleteReadError:
+        raise DnschaosError("upstream closed the TCP connection before answering") from None
+    finally:
+        writer.close()

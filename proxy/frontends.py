@@ -1,0 +1,103 @@
+"""Client-facing listeners: thin protocols that hand queries to the forwarder.
+
+Both kinds give the forwarder a `reply_to` object with `sendto(bytes, addr)`:
+for UDP it is the asyncio transport itself, for TCP the connection, which
+adds the two-byte length prefix.  TCP connections carry any number of
+queries, answered as soon as each answer is ready, in any order (RFC 7766).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Any
+
+from proxy.forwarder import Forwarder
+
+log = logging.getLogger("dnschaos.frontends")
+
+
+class UdpFrontend(asyncio.DatagramProtocol):
+    def __init__(self, forwarder: Forwarder, listener: str) -> None:
+        self.handle = forwarder.handle
+        self.stats = forwarder.stats
+        self.listener = listener
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.stats.queries_udp += 1
+        self.handle(data, addr, self.transport, False, self.listener)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP error: %s", exc)
+
+
+class TcpConnection(asyncio.Protocol):
+    """One client TCP connection."""
+
+    def __init__(self, forwarder: Forwarder, listener: str, connections: set) -> None:
+        self.forwarder = forwarder
+        self.listener = listener
+        self.connections = connections
+        self.idle_timeout = forwarder.settings.tcp_idle_timeout
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.peer: Any = None
+        self.last_active = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = transport.get_extra_info("peername")
+        stats = self.forwarder.stats
+        if len(self.connections) >= self.forwarder.settings.tcp_max_connections:
+            stats.tcp_rejected += 1
+            transport.close()
+            return
+        stats.tcp_connections += 1
+        self.connections.add(self)
+        loop = asyncio.get_running_loop()
+        self.last_active = loop.time()
+        self.timer = loop.call_later(self.idle_timeout, self._check_idle)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        self.last_active = asyncio.get_running_loop().time()
+        while len(buffer) >= 2:
+            (length,) = struct.unpack_from("!H", buffer)
+            if len(buffer) < 2 + length:
+                break
+            message = bytes(buffer[2:2 + length])
+            del buffer[:2 + length]
+            self.forwarder.stats.queries_tcp += 1
+            self.forwarder.handle(message, self.peer, self, True, self.listener)
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(struct.pack("!H", len(data)) + data)
+            self.last_active = asyncio.get_running_loop().time()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _check_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle_until = self.last_active + self.idle_timeout
+        if loop.time() >= idle_until:
+            self.forwarder.stats.tcp_idle_closed += 1
+            self.close()
+        else:
+            self.timer = loop.call_later(idle_until - loop.time(), self._check_idle)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.connections.discard(self)
+        self.transport = None
