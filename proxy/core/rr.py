@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dnslib import QTYPE, RCODE
+from dnslib import QTYPE, RCODE, DNSError
 
 
 def qtype_number(value: str | int) -> int:
@@ -14,7 +14,7 @@ def qtype_number(value: str | int) -> int:
         return int(text[4:])
     try:
         return int(getattr(QTYPE, text))
-    except AttributeError:
+    except (AttributeError, DNSError):
         raise ValueError(f"unknown query type {value!r}") from None
 
 
@@ -31,5 +31,5 @@ def rcode_number(value: str | int) -> int:
         return int(text)
     try:
         return int(getattr(RCODE, text))
-    except AttributeError:
+    except (AttributeError, DNSError):
         raise ValueError(f"unknown rcode {value!r}") from None

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install Debian packages when any of the given commands is missing.
+# usage: need-debs.sh "cmd1 cmd2" "pkg1 pkg2"
+set -euo pipefail
+missing=0
+for cmd in $1; do
+    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing=1
+done
+[ "$missing" = 0 ] && exit 0
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "need root (or sudo) to install: $2" >&2; exit 1; }
+    SUDO=sudo
+fi
+echo "installing Debian packages: $2" >&2
+$SUDO apt-get update -qq
+# Packaged services must not start on install: the tests start their own.
+printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d.dnschaos >/dev/null
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $2 >/dev/null

@@ -1,0 +1,103 @@
+"""docs/: every YAML example in scenarios.md loads (or fails, when marked
+`# invalid`), the error output shown matches the loader's, and the committed
+JSON Schema is the one the model generates."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy.errors import InvalidFile
+from proxy.loader import load_scenario_text, scenario_schema
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "scenarios.md"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)
+
+
+def blocks() -> list[tuple[str, str, int]]:
+    """(language, text, line of the fence) of every fenced block."""
+    text = DOC.read_text()
+    return [(m.group(1), m.group(2), text.count("\n", 0, m.start()) + 1) for m in FENCE.finditer(text)]
+
+
+YAML_BLOCKS = [(body, line) for lang, body, line in blocks() if lang == "yaml"]
+
+
+def as_scenario(body: str) -> str:
+    """A whole scenario stays as is; a rule (it has `fault`) or a bare match
+    is wrapped into a one-phase scenario."""
+    data = yaml.safe_load(body)
+    if isinstance(data, dict) and "phases" in data:
+        return body
+    rule = data if isinstance(data, dict) and "fault" in data else {"match": data, "fault": "drop"}
+    return yaml.safe_dump({"name": "doc-example", "phases": [
+        {"name": "p", "duration": "1m", "rules": [rule]}]})
+
+
+def test_doc_has_examples() -> None:
+    assert len(YAML_BLOCKS) >= 30
+
+
+@pytest.mark.parametrize("body", [b for b, _ in YAML_BLOCKS], ids=[f"line{n}" for _, n in YAML_BLOCKS])
+def test_yaml_example(body: str) -> None:
+    if body.lstrip().startswith("# invalid"):
+        with pytest.raises(InvalidFile):
+            load_scenario_text(body, "example.yaml")
+    else:
+        load_scenario_text(as_scenario(body), "example.yaml")
+
+
+def test_every_selector_and_fault_has_a_section() -> None:
+    from proxy.core.model import FAULT_TYPES
+
+    headings = set(re.findall(r"^### (.+)$", DOC.read_text(), re.M))
+    for fault in FAULT_TYPES:
+        assert fault in headings
+    for key in ["name", "suffix", "glob", "regex", "qtype", "transport", "listener",
+                "probability", "every", "first", "hash"]:
+        assert key in headings
+    assert "clients, exclude_clients" in headings and "all, any, not" in headings
+
+
+def test_shown_validate_output_is_real() -> None:
+    """An invalid example followed by `$ dnschaos validate FILE` output must
+    print exactly those lines."""
+    found = blocks()
+    checked = 0
+    for (lang, body, _), (next_lang, output, _) in zip(found, found[1:]):
+        if lang != "yaml" or not body.startswith("# invalid") or next_lang != "console":
+            continue
+        command, *expected = output.rstrip("\n").splitlines()
+        file = command.removeprefix("$ dnschaos validate ")
+        with pytest.raises(InvalidFile) as info:
+            load_scenario_text(body, file)
+        assert [p.render() for p in info.value.problems] == expected
+        checked += 1
+    assert checked >= 2
+
+
+def test_schema_is_up_to_date() -> None:
+    committed = json.loads((ROOT / "docs" / "scenario.schema.json").read_text())
+    assert committed == scenario_schema(), (
+        "docs/scenario.schema.json is stale: run "
+        "`.venv/bin/python -m proxy.loader schema > docs/scenario.schema.json`"
+    )
+
+
+def test_schema_has_header() -> None:
+    schema = scenario_schema()
+    assert schema["$schema"].startswith("https://json-schema.org/")
+    assert schema["title"] == "dnschaos scenario"
+    assert "phases" in schema["required"]
+
+
+@pytest.mark.parametrize("body", [b for b, _ in YAML_BLOCKS if not b.lstrip().startswith("# invalid")])
+def test_yaml_example_matches_the_json_schema(body: str) -> None:
+    # Editors check against the schema: it must accept every documented form.
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(yaml.safe_load(as_scenario(body)), scenario_schema())
