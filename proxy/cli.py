@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", choices=["sequential", "round_robin", "random"])
     run.add_argument("--timeout", help="per-upstream attempt timeout (default 1s)")
     run.add_argument("--deadline", help="SERVFAIL after this long without an answer (default 3s)")
-    run.add_argument("--scenario", action="append", default=[], metavar="FILE",
+    run.add_argument("--scenario", metavar="FILE",
                      help="scenario file to start when the proxy starts")
+    run.add_argument("--time-scale", type=float, metavar="FACTOR",
+                     help="override the scenarios' time_scale (0.01: a 1 h scenario in 36 s)")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--no-uvloop", dest="uvloop", action="store_const", const=False,
                      help="use the standard asyncio event loop")
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("schema", help="print the JSON Schema of scenario files")
 
     demo = commands.add_parser("demo", help="watch a fault happen, offline")
-    demo.add_argument("--queries", type=int, default=5, help="queries per step")
+    demo.add_argument("--interval", type=float, default=0.7, help="seconds between rounds of queries")
     return parser
 
 
@@ -102,14 +104,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from proxy.loader import load_scenario
     from proxy.server import Server
 
-    scenarios = [load_scenario(path) for path in args.scenario]
+    scenario = load_scenario(args.scenario) if args.scenario else None
+    if scenario is not None and args.time_scale is not None:
+        if args.time_scale <= 0:
+            raise DnschaosError("--time-scale must be greater than 0")
+        scenario = scenario.model_copy(update={"time_scale": args.time_scale})
 
     async def main() -> None:
         engine = Engine()
-        for scenario in scenarios:
+        if scenario is not None:
             now = time.time()
             engine.load(scenario, started_at=now, now=now)
-            log.info("scenario %s started (%d phases, %.0f s)", scenario.name,
+            log.info("scenario %s started: %d phases, %.1f s in all", scenario.name,
                      len(scenario.phases), scenario.total_duration)
         await Server(settings, engine).run_until_signalled()
 
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from proxy.demo import run_demo
 
-            return run_demo(args.queries)
+            return run_demo(args.interval)
     except InvalidFile as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -388,16 +388,16 @@ class Forwarder:
             self.forward(data, qend, addr, reply_to, tcp, None, None)
             return
         kind = type(verdict)
+        released = (data, qend, addr, reply_to, tcp, None, None)  # forwarded unfaulted
         if kind is Forward:
             respond = verdict if verdict.respond is not None else None
             args = (data, qend, addr, reply_to, tcp, respond, view)
             if verdict.delay > 0:
-                self._later(verdict.delay, self.forward, args, args)
+                self._later(verdict.delay, self.forward, args, released)
             else:
                 self.forward(*args)
             return
         self.stats.faulted += 1
-        released = (data, qend, addr, reply_to, tcp, None, None)
         if kind is Reply:
             if verdict.delay > 0:
                 self._later(verdict.delay, reply_to.sendto, (verdict.wire, addr), released)

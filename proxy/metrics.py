@@ -7,6 +7,7 @@ prometheus-client.  The registry is passed in, so each test gets its own.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry
@@ -62,6 +63,11 @@ class ForwarderCollector(Collector):
         yield _counter("dnschaos_truncated_retries",
                        "Truncated upstream answers retried over TCP for TCP clients.",
                        s.truncated_retries)
+        yield _counter("dnschaos_faulted_queries",
+                       "Queries answered or dropped by a fault instead of the upstream.",
+                       s.faulted)
+        yield _counter("dnschaos_fault_dropped_answers",
+                       "Upstream answers a response-side fault dropped.", s.fault_dropped)
         yield _counter("dnschaos_engine_errors",
                        "Failures inside the fault engine (the query was forwarded unchanged).",
                        s.engine_errors)
@@ -92,11 +98,34 @@ class ForwarderCollector(Collector):
             for upstream in fwd.upstreams:
                 family.add_metric([upstream.name], getattr(upstream.stats, field))
             yield family
+        yield from self._engine_metrics()
         up = GaugeMetricFamily("dnschaos_upstream_up",
                                "1 when the upstream is considered healthy.", labels=["upstream"])
         for upstream in fwd.upstreams:
             up.add_metric([upstream.name], 1 if upstream.up else 0)
         yield up
+
+
+    def _engine_metrics(self) -> Iterator[Any]:
+        engine = self.forwarder.engine
+        labels = ["scenario", "phase", "rule", "fault"]
+        matched = CounterMetricFamily(
+            "dnschaos_rule_matches", "Queries a rule selected.", labels=labels)
+        injected = CounterMetricFamily(
+            "dnschaos_faults_injected", "Faults a rule injected.", labels=labels)
+        for row in engine.stats() if hasattr(engine, "stats") else []:
+            key = [row["scenario"], row["phase"], row["rule"], row["fault"]]
+            matched.add_metric(key, row["matched"])
+            injected.add_metric(key, row["injected"])
+        yield matched
+        yield injected
+        active = GaugeMetricFamily(
+            "dnschaos_active_phase", "1 for the scenario phase now in force.",
+            labels=["scenario", "phase"])
+        phase = engine.current_phase(time.time()) if hasattr(engine, "current_phase") else None
+        if phase is not None:
+            active.add_metric([engine.scenario or "", phase[1]], 1)
+        yield active
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import socket
+import time
 from typing import Any
 from aiohttp import web
 
@@ -33,9 +34,12 @@ class Server:
         self.listen_addresses: list[str] = []  # with the real ports, once bound
         self.admin_address: str | None = None
         self._udp: list[asyncio.DatagramTransport] = []
+        self._udp_frontends: list[UdpFrontend] = []
         self._tcp: list[asyncio.AbstractServer] = []
         self._admin: web.AppRunner | None = None
         self._stopped = asyncio.Event()
+        self._phase_watch: asyncio.TimerHandle | None = None
+        self._phase_seen: tuple | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -52,11 +56,12 @@ class Server:
             port = tcp.sockets[0].getsockname()[1]
             listener = format_hostport(host, port)
             cell.append(listener)
-            udp, _ = await loop.create_datagram_endpoint(
+            udp, frontend = await loop.create_datagram_endpoint(
                 lambda listener=listener: UdpFrontend(self.forwarder, listener),
                 local_addr=(host, port), family=_family(host),
             )
             self._udp.append(udp)
+            self._udp_frontends.append(frontend)
             self._tcp.append(tcp)
             self.listen_addresses.append(listener)
         if self.settings.admin:
@@ -67,13 +72,29 @@ class Server:
             await site.start()
             bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
             self.admin_address = format_hostport(host, bound[1])
+        self._watch_phases()
         log.info(
             "dnschaos listening on %s (UDP and TCP), forwarding to %s (%s), admin on %s",
             ", ".join(self.listen_addresses), ", ".join(self.settings.upstreams),
-            self.settings.policy, self.admin_address or "off",
+            self.settings.policy, self.admin_address or "nothing (off)",
         )
 
+    def _watch_phases(self) -> None:
+        """Log each phase change of the running scenario: one line per event."""
+        phase = self.engine.current_phase(time.time())
+        seen = (self.engine.scenario, phase[0], phase[1]) if phase else None
+        if seen != self._phase_seen:
+            if seen is not None:
+                log.info("scenario %s: phase %d %r begins (%.1f s)", seen[0], seen[1] + 1,
+                         seen[2], phase[2])  # type: ignore[index]
+            elif self._phase_seen is not None:
+                log.info("scenario %s ended: every fault reverted", self._phase_seen[0])
+            self._phase_seen = seen
+        self._phase_watch = asyncio.get_running_loop().call_later(0.1, self._watch_phases)
+
     async def stop(self) -> None:
+        if self._phase_watch is not None:
+            self._phase_watch.cancel()
         for udp in self._udp:
             udp.close()
         for tcp in self._tcp:
@@ -100,14 +121,18 @@ class Server:
     async def drain(self, limit: float | None = None) -> None:
         """Stop listening for new queries and wait (up to the query deadline)
         for the ones in flight to be answered."""
-        for udp in self._udp:
-            udp.pause_reading()
+        for frontend in self._udp_frontends:
+            frontend.handle = _ignore  # keep the socket: answers in flight still go out
         for tcp in self._tcp:
             tcp.close()
         loop = asyncio.get_running_loop()
         end = loop.time() + (limit if limit is not None else self.settings.deadline + 0.2)
         while self.forwarder.inflight > 0 and loop.time() < end:
             await asyncio.sleep(0.02)
+
+
+def _ignore(*args: object) -> None:
+    pass
 
 
 def _family(host: str) -> int:

@@ -1,0 +1,125 @@
+"""The raw-bytes parser and reply builders of the hot path."""
+
+from __future__ import annotations
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.rcode
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.core import wire
+from proxy.errors import MalformedQuery
+
+
+def query(name: str = "www.Example.test", qtype: str = "A", **kwargs) -> bytes:
+    return dns.message.make_query(name, qtype, **kwargs).to_wire()
+
+
+def test_question_end_points_past_qtype_and_qclass():
+    data = query("www.example.test")
+    qend = wire.question_end(data)
+    # header + 3 labels (1+3, 1+7, 1+4) + root + qtype + qclass
+    assert qend == 12 + 4 + 8 + 5 + 1 + 4
+    assert wire.qtype_of(data, qend) == 1
+
+
+def test_qname_text_is_lower_case_without_trailing_dot():
+    data = query("WWW.Example.TEST.")
+    assert wire.qname_text(data, wire.question_end(data)) == "www.example.test"
+
+
+def test_qname_text_of_the_root_is_empty():
+    data = query(".", "NS")
+    assert wire.qname_text(data, wire.question_end(data)) == ""
+
+
+def test_qname_text_escapes_dots_and_binary_bytes_inside_labels():
+    name = dns.name.Name([b"a.b", b"c\x00d", b"test", b""])
+    data = dns.message.make_query(name, "A").to_wire()
+    assert wire.qname_text(data, wire.question_end(data)) == "a\\.b.c\\000d.test"
+    # and it is not confused with the three-label name a.b.test
+    plain = query("a.b.test")
+    assert wire.qname_text(plain, wire.question_end(plain)) == "a.b.test"
+
+
+@pytest.mark.parametrize(
+    "mutate, rcode, why",
+    [
+        (lambda d: d[:11], None, "shorter than a DNS header"),
+        (lambda d: d[:2] + bytes([d[2] | 0x80]) + d[3:], None, "QR bit"),
+        (lambda d: d[:2] + bytes([d[2] | (4 << 3)]) + d[3:], wire.NOTIMP, "opcode 4"),
+        (lambda d: d[:2] + bytes([d[2] | (5 << 3)]) + d[3:], wire.NOTIMP, "opcode 5"),
+        (lambda d: d[:4] + b"\x00\x00" + d[6:], wire.FORMERR, "question count 0"),
+        (lambda d: d[:4] + b"\x00\x02" + d[6:], wire.FORMERR, "question count 2"),
+        (lambda d: d[:20], wire.FORMERR, "runs past the end"),
+        (lambda d: d[:-2], wire.FORMERR, "cut short"),
+        (lambda d: d[:12] + b"\xc0\x0c" + d[-4:], wire.FORMERR, "compressed"),
+    ],
+)
+def test_malformed_queries_are_refused_with_the_right_rcode(mutate, rcode, why):
+    with pytest.raises(MalformedQuery) as caught:
+        wire.question_end(mutate(query()))
+    assert caught.value.rcode == rcode
+    assert why in str(caught.value)
+
+
+def test_a_name_longer_than_255_bytes_is_formerr():
+    labels = [b"a" * 63] * 4 + [b""]
+    data = dns.message.make_query(dns.name.Name(labels[:3] + [b""]), "A").to_wire()
+    long_name = b"".join(bytes([len(x)]) + x for x in labels)
+    data = data[:12] + long_name + data[-4:]
+    with pytest.raises(MalformedQuery, match="longer than 255"):
+        wire.question_end(data)
+
+
+def test_a_valid_query_is_accepted():
+    assert wire.question_end(query()) > 12  # the not-refused case beside the refused ones
+
+
+def test_rcode_reply_keeps_id_question_rd_cd_and_echoes_edns():
+    q = dns.message.make_query("x.example.test", "AAAA", use_edns=0, want_dnssec=True)
+    q.flags |= dns.flags.CD
+    data = q.to_wire()
+    reply = dns.message.from_wire(wire.rcode_reply(data, wire.question_end(data), wire.SERVFAIL))
+    assert reply.id == q.id
+    assert reply.rcode() == dns.rcode.SERVFAIL
+    assert reply.question == q.question
+    assert reply.flags & dns.flags.QR and reply.flags & dns.flags.RD
+    assert reply.flags & dns.flags.RA and reply.flags & dns.flags.CD
+    assert not reply.flags & dns.flags.AA
+    assert reply.edns == 0 and reply.ednsflags & dns.flags.DO
+    assert reply.payload == wire.EDNS_UDP_SIZE
+
+
+def test_rcode_reply_without_edns_has_no_opt():
+    data = query(use_edns=False)
+    reply = dns.message.from_wire(wire.rcode_reply(data, wire.question_end(data), wire.REFUSED))
+    assert reply.rcode() == dns.rcode.REFUSED
+    assert reply.edns == -1
+    assert not reply.flags & dns.flags.CD
+
+
+def test_header_reply_echoes_id_and_opcode():
+    data = bytearray(query())
+    data[2] |= 4 << 3  # NOTIFY
+    reply = wire.header_reply(bytes(data), wire.NOTIMP)
+    assert reply[:2] == data[:2]
+    assert reply[2] & 0x80 and (reply[2] >> 3) & 0xF == 4
+    assert reply[3] & 0xF == wire.NOTIMP
+    assert len(reply) == 12
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_never_crash_the_parser(data):
+    try:
+        qend = wire.question_end(data)
+    except MalformedQuery as exc:
+        assert exc.rcode in (None, wire.FORMERR, wire.NOTIMP)
+        return
+    assert 12 < qend <= len(data)
+    wire.qname_text(data, qend)
+    wire.rcode_reply(data, qend, wire.SERVFAIL)
