@@ -64,10 +64,18 @@ Ttl = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 def _as_list(value: Any) -> Any:
-    return [value] if isinstance(value, (str, int)) else value
+    """`qtype: A` is short for `qtype: [A]`; YAML numbers (`qtype: 65`) become strings."""
+    if isinstance(value, (str, int)):
+        value = [value]
+    if isinstance(value, list):
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
 
 
-StrList = Annotated[list[str], BeforeValidator(_as_list)]
+# json_schema_input_type: the JSON Schema shows what files may contain (a single
+# value or a list, numbers allowed), not the list the validator turns it into.
+_OneOrMany = BeforeValidator(_as_list, json_schema_input_type=Union[str, int, list[str | int]])
+StrList = Annotated[list[str], _OneOrMany]
 
 
 def _network(value: Any) -> str:
@@ -81,7 +89,10 @@ Cidr = Annotated[str, BeforeValidator(_network)]
 
 
 class Base(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # use_attribute_docstrings: the docstring under a field becomes its JSON Schema
+    # description, shown by editors.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              use_attribute_docstrings=True)
 
 
 # --- selectors -------------------------------------------------------------
@@ -104,22 +115,24 @@ class HashSample(Base):
 
 class Match(Base):
     """Selects queries.  All keys given must match (AND); `all`, `any` and
-    `not` nest.  An empty match selects every query."""
+    `not` nest.  An empty match selects every query.  The sampling keys are
+    checked last, in this order: `hash`, `every`, `first`, `probability`."""
 
     name: StrList | None = None
     """Exact names, case-insensitive, trailing dot optional."""
     suffix: StrList | None = None
     """Zones: 'example.com' matches itself and 'x.example.com', never 'xexample.com'."""
     glob: StrList | None = None
-    """Shell-style patterns: '*.s3.amazonaws.com', 'dynamodb.*.amazonaws.com'."""
+    """Shell-style patterns: '*.s3.amazonaws.com', 'dynamodb.*.amazonaws.com'.
+    Case-insensitive; '*' also matches dots ('*.example.com' matches 'a.b.example.com')."""
     regex: StrList | None = None
     """Python regular expressions, searched in the lower-case name without trailing dot."""
     qtype: StrList | None = None
     """Query types by name ('A', 'AAAA', 'ANY') or number ('65')."""
     transport: Literal["udp", "tcp"] | None = None
-    clients: Annotated[list[Cidr], BeforeValidator(_as_list)] | None = None
+    clients: Annotated[list[Cidr], _OneOrMany] | None = None
     """Client networks to include (IPv4 and IPv6 CIDRs; a bare address is a /32 or /128)."""
-    exclude_clients: Annotated[list[Cidr], BeforeValidator(_as_list)] | None = None
+    exclude_clients: Annotated[list[Cidr], _OneOrMany] | None = None
     """Client networks never selected, even when `clients` includes them."""
     listener: StrList | None = None
     """Local listen addresses ('127.0.0.2:53'): fail one of a client's nameservers."""
@@ -150,7 +163,12 @@ class Match(Base):
         from proxy.core.rr import qtype_number
 
         for qtype in qtypes or []:
-            qtype_number(qtype)  # raises ValueError with a clear message
+            try:
+                qtype_number(qtype)
+            except ValueError:
+                raise
+            except Exception:  # dnslib raises its own DNSError for unknown names
+                raise ValueError(f"unknown query type {qtype!r}") from None
         return qtypes
 
 
@@ -193,12 +211,16 @@ class ServfailFault(_Negative):
     """The server failed (what resolvers answer when authoritative servers are unreachable)."""
 
     type: Literal["servfail"]
+    soa: Soa | None = None
+    """Real SERVFAILs carry no SOA; give one (`soa: {}`) to add it anyway."""
 
 
 class RefusedFault(_Negative):
     """The server refuses to answer."""
 
     type: Literal["refused"]
+    soa: Soa | None = None
+    """Real REFUSED replies carry no SOA; give one (`soa: {}`) to add it anyway."""
 
 
 class RcodeFault(_Negative):
@@ -206,13 +228,22 @@ class RcodeFault(_Negative):
 
     type: Literal["rcode"]
     rcode: str | int
+    """Above 15 (BADVERS...) the upper bits travel in an OPT record, added even
+    when the query had no EDNS."""
+    soa: Soa | None = None
+    """No SOA unless given (`soa: {}` for the defaults)."""
 
     @field_validator("rcode")
     @classmethod
     def _known_rcode(cls, value: str | int) -> str | int:
         from proxy.core.rr import rcode_number
 
-        rcode_number(value)
+        try:
+            rcode_number(value)
+        except ValueError:
+            raise
+        except Exception:  # dnslib raises its own DNSError for unknown names
+            raise ValueError(f"unknown rcode {value!r}") from None
         return value
 
 
@@ -259,12 +290,22 @@ class SpoofFault(Base):
     192.0.2.1 and AAAA queries 2001:db8::1 (documentation ranges)."""
 
     type: Literal["spoof"]
-    a: Annotated[list[str], BeforeValidator(_as_list)] = Field(default_factory=list)
-    aaaa: Annotated[list[str], BeforeValidator(_as_list)] = Field(default_factory=list)
+    a: Annotated[list[str], _OneOrMany] = Field(default_factory=list)
+    aaaa: Annotated[list[str], _OneOrMany] = Field(default_factory=list)
     cname: str | None = None
-    records: Annotated[list[str], BeforeValidator(_as_list)] = Field(default_factory=list)
-    """Zone-file lines; '@' or an empty owner stands for the query name."""
+    records: Annotated[list[str], _OneOrMany] = Field(default_factory=list)
+    """Zone-file lines; '@' or an empty owner stands for the query name, and
+    relative owner names are relative to it.  Names inside record data should
+    be absolute (end with a dot).  A TTL written in a line is kept."""
     ttl: Ttl = 60
+
+    @field_validator("records")
+    @classmethod
+    def _zone_lines(cls, values: list[str]) -> list[str]:
+        from proxy.core.faults import parse_records
+
+        parse_records(values, 60)  # raises ValueError naming the bad line
+        return values
 
     @field_validator("a")
     @classmethod
@@ -304,6 +345,8 @@ class TtlFault(Base):
                  self.scale is not None]
         if sum(modes) != 1:
             raise ValueError("give exactly one of: set, min/max, scale")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
         return self
 
 
@@ -316,7 +359,7 @@ class PartialFault(Base):
     """Share of A/AAAA records removed (at least one is kept unless `empty` fires)."""
     empty: Probability = 0.0
     """Chance, per period, that the answer is empty altogether."""
-    period: Duration = 30.0
+    period: Annotated[Duration, Field(gt=0)] = 30.0
     ttl: Ttl | None = None
     """When set, the TTL of the records kept."""
 
@@ -332,7 +375,7 @@ class FlapFault(Base):
     """`fault` switched on and off: on for `duty` of each `period`."""
 
     type: Literal["flap"]
-    period: Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+    period: Annotated[Duration, Field(gt=0)]
     duty: Probability = 0.5
     fault: Fault
 
@@ -352,11 +395,16 @@ def _short_form(value: Any) -> Any:
     return {"type": value} if isinstance(value, str) else value
 
 
-Fault = Annotated[_AnyFault, BeforeValidator(_short_form)]
-OptionalFault = Annotated[_AnyFault | None, BeforeValidator(_short_form)]
-
 FAULT_TYPES = ("nxdomain", "servfail", "refused", "rcode", "nodata", "drop", "delay", "stale",
                "spoof", "truncate", "ttl", "partial", "corrupt", "flap")
+
+# The JSON Schema also accepts the short form, so editors do not flag `fault: nxdomain`.
+_FaultInput = Union[Literal[FAULT_TYPES], _AnyFault]  # type: ignore[valid-type]
+Fault = Annotated[_AnyFault, BeforeValidator(_short_form, json_schema_input_type=_FaultInput)]
+OptionalFault = Annotated[
+    _AnyFault | None,
+    BeforeValidator(_short_form, json_schema_input_type=Union[_FaultInput, None]),
+]
 
 
 # --- rules, phases, scenarios ----------------------------------------------
