@@ -47,7 +47,12 @@ log = logging.getLogger("dnschaos.forwarder")
 SWEEP_INTERVAL = 0.05  # seconds between timeout sweeps: the timeouts' granularity
 
 # Fields of a pending query (a list: cheaper to build per query than an object).
-CLIENT_ID, ADDR, REPLY_TO, TCP, QUESTION, QUERY, ORDER, TRIES, SENT, RESPOND, VIEW = range(11)
+CLIENT_ID, ADDR, REPLY_TO, TCP, QUESTION, QUERY, ORDER, TRIES, SENT, RESPOND, VIEW, START = (
+    range(12)
+)
+
+# Monotonic, with sub-millisecond resolution (uvloop's loop.time() counts whole ms).
+_clock = time.monotonic
 
 _QR_BIT = wire.QR
 _TC_BIT = wire.TC
@@ -82,6 +87,7 @@ class UpstreamSocket(asyncio.DatagramProtocol):
     def __init__(self, forwarder: Forwarder, upstream: Upstream) -> None:
         self.forwarder = forwarder
         self.upstream = upstream
+        self.stats = forwarder.stats
         self.pending: dict[bytes, list] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.sent = 0
@@ -107,12 +113,17 @@ class UpstreamSocket(asyncio.DatagramProtocol):
         del pending[txid]
         self.replies += 1
         upstream = self.upstream
+        now = _clock()
+        upstream.stats.latency.observe(now - entry[SENT])
         if upstream.fails:
             self.forwarder.mark_alive(upstream)
         if (entry[TCP] and data[2] & _TC_BIT) or entry[RESPOND] is not None:
             self.forwarder.answer_slowly(entry, data, upstream)
             return
-        self.forwarder.stats.answers += 1
+        stats = self.stats
+        stats.answers += 1
+        stats.rcodes[data[3] & 15] += 1
+        stats.latency.observe(now - entry[START])
         entry[REPLY_TO].sendto(entry[CLIENT_ID] + data[2:], entry[ADDR])
 
     def error_received(self, exc: Exception) -> None:
@@ -204,11 +215,13 @@ class Forwarder:
         except MalformedQuery as exc:
             self._malformed(data, addr, reply_to, exc)
             return
+        self.stats.qtypes[data[qend - 4] << 8 | data[qend - 3]] += 1
         allowed = self._acl_cache.get(addr[0])
         if allowed is None:
             allowed = self._acl_check(addr[0])
         if not allowed:
             self.stats.refused += 1
+            self.stats.rcodes[wire.REFUSED] += 1
             reply_to.sendto(wire.rcode_reply(data, qend, wire.REFUSED), addr)
             return
         if self.engine.active:
@@ -218,7 +231,7 @@ class Forwarder:
         if orders:
             self._turn += 1
             self._send_attempt([data[:2], addr, reply_to, tcp, data[12:qend], data,
-                                orders[self._turn % len(orders)], 0, 0.0, None, None])
+                                orders[self._turn % len(orders)], 0, 0.0, None, None, 0.0])
         else:
             self._servfail_now(data, qend, addr, reply_to)
 
@@ -231,14 +244,16 @@ class Forwarder:
             return
         self._turn += 1
         self._send_attempt([data[:2], addr, reply_to, tcp, data[12:qend], data,
-                            orders[self._turn % len(orders)], 0, 0.0, respond, view])
+                            orders[self._turn % len(orders)], 0, 0.0, respond, view, 0.0])
 
     def _send_attempt(self, entry: list) -> None:
         order = entry[ORDER]
         tries = entry[TRIES]
         upstream = order[tries % len(order)]
         entry[TRIES] = tries + 1
-        entry[SENT] = self.loop.time()
+        entry[SENT] = now = _clock()
+        if not tries:
+            entry[START] = now
         pos = self._random_pos
         randoms = self._random
         if pos >= len(randoms):
@@ -280,6 +295,8 @@ class Forwarder:
                 self.stats.fault_dropped += 1
                 return
         self.stats.answers += 1
+        self.stats.rcodes[reply[3] & 15] += 1
+        self.stats.latency.observe(_clock() - entry[START])
         entry[REPLY_TO].sendto(reply, entry[ADDR])
 
     def _servfail(self, entry: list) -> None:
@@ -288,12 +305,13 @@ class Forwarder:
 
     def _servfail_now(self, query: bytes, qend: int, addr: Any, reply_to: Any) -> None:
         self.stats.servfail_sent += 1
+        self.stats.rcodes[wire.SERVFAIL] += 1
         reply_to.sendto(wire.rcode_reply(query, qend, wire.SERVFAIL), addr)
 
     # --- timeouts and health ------------------------------------------------
 
     def _sweep(self) -> None:
-        now = self.loop.time()
+        now = _clock()
         sent_before = now - self.attempt_timeout
         for sock in self.sockets:
             pending = sock.pending
@@ -399,6 +417,8 @@ class Forwarder:
             return
         self.stats.faulted += 1
         if kind is Reply:
+            self.stats.rcodes[verdict.wire[3] & 15 if len(verdict.wire) > 3 else 0] += 1
+            self.stats.latency.observe(verdict.delay)
             if verdict.delay > 0:
                 self._later(verdict.delay, reply_to.sendto, (verdict.wire, addr), released)
             else:
@@ -434,6 +454,7 @@ class Forwarder:
         self.stats.malformed += 1
         if exc.rcode is None:
             return
+        self.stats.rcodes[exc.rcode] += 1
         if exc.rcode == wire.FORMERR:
             self.stats.formerr += 1
         else:

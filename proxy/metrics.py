@@ -11,10 +11,24 @@ import time
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.stats import Histogram
+
+# Query types given their own label value; a bounded set keeps the series few.
+COMMON_QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT",
+                 28: "AAAA", 33: "SRV", 35: "NAPTR", 43: "DS", 48: "DNSKEY", 64: "SVCB",
+                 65: "HTTPS", 255: "ANY", 257: "CAA"}
+RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
+               5: "REFUSED", 6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH",
+               10: "NOTZONE"}
 
 
 class ForwarderCollector(Collector):
@@ -34,6 +48,24 @@ class ForwarderCollector(Collector):
         queries.add_metric(["tcp"], s.queries_tcp)
         yield queries
 
+        types = CounterMetricFamily(
+            "dnschaos_query_types", "Queries received, by query type (common types; the rest 'other').",
+            labels=["qtype"])
+        counted = 0
+        for number, name in COMMON_QTYPES.items():
+            types.add_metric([name], s.qtypes[number])
+            counted += s.qtypes[number]
+        types.add_metric(["other"], sum(s.qtypes) - counted)
+        yield types
+        responses = CounterMetricFamily(
+            "dnschaos_responses", "Replies sent to clients, by rcode.", labels=["rcode"])
+        for number, count in enumerate(s.rcodes):
+            if count or number in (0, 2, 3, 5):
+                responses.add_metric([RCODE_NAMES.get(number, str(number))], count)
+        yield responses
+        yield _histogram("dnschaos_request_duration_seconds",
+                         "Time from a query's arrival to its reply (forwarded or faulted).",
+                         [], [([], s.latency)])
         yield _counter("dnschaos_answers", "Upstream answers relayed to clients.", s.answers)
         yield _counter("dnschaos_refused",
                        "Queries refused because the client is not in the allowed networks.",
@@ -98,6 +130,10 @@ class ForwarderCollector(Collector):
             for upstream in fwd.upstreams:
                 family.add_metric([upstream.name], getattr(upstream.stats, field))
             yield family
+        yield _histogram(
+            "dnschaos_upstream_request_duration_seconds",
+            "Time from sending an attempt to the upstream to its valid reply.", ["upstream"],
+            [([u.name], u.stats.latency) for u in fwd.upstreams])
         yield from self._engine_metrics()
         up = GaugeMetricFamily("dnschaos_upstream_up",
                                "1 when the upstream is considered healthy.", labels=["upstream"])
@@ -126,6 +162,14 @@ class ForwarderCollector(Collector):
         if phase is not None:
             active.add_metric([engine.scenario or "", phase[1]], 1)
         yield active
+
+
+def _histogram(name: str, doc: str, labels: list[str],
+               series: list[tuple[list[str], Histogram]]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for values, histogram in series:
+        family.add_metric(values, histogram.cumulative(), histogram.total)
+    return family
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
