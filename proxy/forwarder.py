@@ -213,7 +213,7 @@ class Forwarder:
         try:
             qend = wire.question_end(data)
         except MalformedQuery as exc:
-            self._malformed(data, addr, reply_to, exc)
+            self._malformed(data, addr, reply_to, tcp, exc)
             return
         self.stats.qtypes[data[qend - 4] << 8 | data[qend - 3]] += 1
         allowed = self._acl_cache.get(addr[0])
@@ -293,6 +293,8 @@ class Forwarder:
                 self.stats.engine_errors += 1
             if reply is None:
                 self.stats.fault_dropped += 1
+                if entry[TCP]:
+                    entry[REPLY_TO].no_reply()
                 return
         self.stats.answers += 1
         self.stats.rcodes[reply[3] & 15] += 1
@@ -380,7 +382,7 @@ class Forwarder:
         try:
             reply = await asyncio.wait_for(
                 tcp_exchange(upstream.addr, entry[QUERY], entry[QUESTION]),
-                self.settings.deadline,
+                max(0.05, self.settings.deadline - (_clock() - entry[START])),
             )
         except (OSError, asyncio.TimeoutError, DnschaosError) as exc:
             log.info("TCP retry to %s failed: %s", upstream.name, exc or type(exc).__name__)
@@ -423,8 +425,10 @@ class Forwarder:
                 self._later(verdict.delay, reply_to.sendto, (verdict.wire, addr), released)
             else:
                 reply_to.sendto(verdict.wire, addr)
-        elif kind is Drop and tcp and verdict.close_tcp:
-            self._later(verdict.delay, reply_to.close, (), released)
+        elif kind is Drop and tcp:
+            reply_to.no_reply()
+            if verdict.close_tcp:
+                self._later(verdict.delay, reply_to.close, (), released)
 
     def _later(self, delay: float, callback: Any, args: tuple, released: tuple) -> None:
         """Run callback(*args) after `delay`; `release_delayed` forwards
@@ -450,9 +454,12 @@ class Forwarder:
 
     # --- small helpers -------------------------------------------------------
 
-    def _malformed(self, data: bytes, addr: Any, reply_to: Any, exc: MalformedQuery) -> None:
+    def _malformed(self, data: bytes, addr: Any, reply_to: Any, tcp: bool,
+                   exc: MalformedQuery) -> None:
         self.stats.malformed += 1
         if exc.rcode is None:
+            if tcp:
+                reply_to.no_reply()
             return
         self.stats.rcodes[exc.rcode] += 1
         if exc.rcode == wire.FORMERR:

@@ -47,6 +47,7 @@ class TcpConnection(asyncio.Protocol):
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.peer: Any = None
+        self.outstanding = 0  # queries received and not yet answered or dropped
         self.last_active = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
@@ -75,13 +76,20 @@ class TcpConnection(asyncio.Protocol):
             message = bytes(buffer[2:2 + length])
             del buffer[:2 + length]
             self.forwarder.stats.queries_tcp += 1
+            self.outstanding += 1
             self.forwarder.handle(message, self.peer, self, True, self.listener)
 
     def sendto(self, data: bytes, addr: Any = None) -> None:
+        self.outstanding -= 1
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(struct.pack("!H", len(data)) + data)
             self.last_active = asyncio.get_running_loop().time()
+
+    def no_reply(self) -> None:
+        """A query on this connection ends without an answer (dropped)."""
+        self.outstanding -= 1
+        self.last_active = asyncio.get_running_loop().time()
 
     def close(self) -> None:
         if self.transport is not None:
@@ -90,7 +98,11 @@ class TcpConnection(asyncio.Protocol):
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
         idle_until = self.last_active + self.idle_timeout
-        if loop.time() >= idle_until:
+        if self.outstanding > 0:
+            # Not idle while a query waits for its answer (RFC 7766 6.2.3); the
+            # forwarder's deadline bounds that wait.
+            self.timer = loop.call_later(self.idle_timeout, self._check_idle)
+        elif loop.time() >= idle_until:
             self.forwarder.stats.tcp_idle_closed += 1
             self.close()
         else:

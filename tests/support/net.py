@@ -1,0 +1,76 @@
+"""Ports and addresses for tests."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Callable
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def free_port(*hosts: str, attempts: int = 50) -> int:
+    """A port free for both UDP and TCP on every host given (default
+    127.0.0.1): found by binding port 0, then checking the other protocol
+    (and other hosts) on the same number.  There is a small race between
+    this check and the caller's bind; callers that start a process retry."""
+    hosts = hosts or ("127.0.0.1",)
+    for _ in range(attempts):
+        with socket.socket(_family(hosts[0]), socket.SOCK_STREAM) as probe:
+            probe.bind((hosts[0], 0))
+            port = probe.getsockname()[1]
+        if _all_free(hosts, port):
+            return port
+    raise RuntimeError(f"no port free for UDP and TCP on {hosts}")
+
+
+def _all_free(hosts: tuple[str, ...], port: int) -> bool:
+    sockets = []
+    try:
+        for host in hosts:
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                sock = socket.socket(_family(host), kind)
+                sockets.append(sock)
+                sock.bind((host, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def closed_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on (UDP and TCP): a dead upstream.  Queries to
+    it get ICMP port unreachable / connection refused."""
+    return free_port(host)
+
+
+def ipv6_loopback_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def hostport(host: str, port: int) -> str:
+    """'127.0.0.1:53' / '[::1]:53', the form the proxy's flags take."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0,
+               interval: float = 0.02, what: str = "condition") -> object:
+    """Poll `predicate` until it returns something truthy; return that, or
+    raise AssertionError after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
