@@ -1,5 +1,5 @@
-"""The admin HTTP listener: health and metrics, served by aiohttp in the
-proxy's own event loop."""
+"""The admin HTTP listener: health, metrics and the game-day API (proxy/api.py),
+served by aiohttp in the proxy's own event loop."""
 
 from __future__ import annotations
 
@@ -28,4 +28,9 @@ def make_app(server: Any) -> web.Application:
 
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    gameday = getattr(server, "gameday", None)
+    if gameday is not None:
+        from proxy.api import add_routes
+
+        add_routes(app, gameday, server.audit, server.settings.admin_token)
     return app

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="scenario file to start when the proxy starts")
     run.add_argument("--time-scale", type=float, metavar="FACTOR",
                      help="override the scenarios' time_scale (0.01: a 1 h scenario in 36 s)")
+    run.add_argument("--at", metavar="TIME",
+                     help="start --scenario at this time (ISO 8601 with a zone: 2026-12-01T14:00Z)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="run --scenario as a dry run: count, change no answer")
+    run.add_argument("--scenario-dir", metavar="DIR",
+                     help="watched directory of scenario files (schedules start by themselves)")
+    run.add_argument("--max-run-duration", metavar="DURATION",
+                     help="hard cap on any run (default 4h)")
+    run.add_argument("--audit-log", metavar="FILE", help="JSON lines of every API mutation")
+    run.add_argument("--report-dir", metavar="DIR", help="where run reports are written")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--no-uvloop", dest="uvloop", action="store_const", const=False,
                      help="use the standard asyncio event loop")
@@ -49,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="watch a fault happen, offline")
     demo.add_argument("--interval", type=float, default=0.7, help="seconds between rounds of queries")
+
+    from proxy.client import add_client_commands
+
+    add_client_commands(commands)
     return parser
 
 
@@ -65,10 +78,15 @@ def load_settings(args: argparse.Namespace) -> Settings:
             raise DnschaosError(f"cannot read config file: {exc}") from None
         values = load_model(text, str(path), Settings).model_dump(exclude_unset=True)
     for key in ("listen", "upstreams", "admin", "allow", "policy", "timeout", "deadline",
-                "log_level", "uvloop"):
+                "log_level", "uvloop", "scenario_dir", "max_run_duration", "audit_log",
+                "report_dir"):
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value
+    import os
+
+    if not values.get("admin_token") and os.environ.get("DNSCHAOS_ADMIN_TOKEN"):
+        values["admin_token"] = os.environ["DNSCHAOS_ADMIN_TOKEN"]
     from pydantic import ValidationError
 
     try:
@@ -100,24 +118,33 @@ def run_event_loop(main: Any, use_uvloop: bool) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     setup_logging(settings.log_level)
+    settings.check_admin_token()
     from proxy.core.engine import Engine
     from proxy.loader import load_scenario
     from proxy.server import Server
 
-    scenario = load_scenario(args.scenario) if args.scenario else None
-    if scenario is not None and args.time_scale is not None:
-        if args.time_scale <= 0:
-            raise DnschaosError("--time-scale must be greater than 0")
-        scenario = scenario.model_copy(update={"time_scale": args.time_scale})
+    start: list[dict[str, Any]] = []
+    if args.scenario:
+        scenario = load_scenario(args.scenario)
+        spec: dict[str, Any] = {"scenario": scenario, "file": args.scenario, "trigger": "cli",
+                                "dry_run": bool(args.dry_run)}
+        if args.time_scale is not None:
+            if args.time_scale <= 0:
+                raise DnschaosError("--time-scale must be greater than 0")
+            spec["time_scale"] = args.time_scale
+        if args.at:
+            from proxy.core.schedule import parse_time
+
+            try:
+                spec["at"] = parse_time(args.at)
+            except ValueError as exc:
+                raise DnschaosError(f"--at: {exc}") from None
+        start.append(spec)
+    elif args.at or args.dry_run:
+        raise DnschaosError("--at and --dry-run need --scenario FILE")
 
     async def main() -> None:
-        engine = Engine()
-        if scenario is not None:
-            now = time.time()
-            engine.load(scenario, started_at=now, now=now)
-            log.info("scenario %s started: %d phases, %.1f s in all", scenario.name,
-                     len(scenario.phases), scenario.total_duration)
-        await Server(settings, engine).run_until_signalled()
+        await Server(settings, Engine(), start=start).run_until_signalled()
 
     run_event_loop(main(), settings.uvloop)
     return 0
@@ -140,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             from proxy.demo import run_demo
 
             return run_demo(args.interval)
+        if args.command in ("scenario", "rule", "reset", "report"):
+            from proxy.client import run_client
+
+            return run_client(args)
     except InvalidFile as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -97,6 +97,28 @@ class Settings(Base):
     tcp_max_connections: Annotated[int, Field(ge=1)] = 1000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     uvloop: bool = True
+    scenario_dir: str | None = None
+    """Directory of scenario files, watched: added or changed files take effect
+    without a restart (SIGHUP re-reads it too); invalid edits are refused."""
+    max_run_duration: PositiveDuration = 4 * 3600.0
+    """Hard cap on any run or ad hoc rule, whatever the scenario asks."""
+    admin_token: str | None = None
+    """Bearer token the admin API requires for mutations (also from the
+    DNSCHAOS_ADMIN_TOKEN environment variable); mandatory when `admin` is
+    not a loopback address."""
+    audit_log: str | None = None
+    """File the admin API appends one JSON line per mutation to (always logged too)."""
+    report_dir: str | None = None
+    """Directory run reports are written to (<run>.json, <run>.md); they are
+    served by the API either way."""
+    client_groups: dict[Cidr, Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=dict)
+    """Client networks named in metrics, CIDR -> name ('10.1.2.0/24: payments'); the
+    most specific CIDR containing a client wins; clients in none keep their address."""
+    client_label_cap: Annotated[int, Field(ge=0, le=10_000)] = 50
+    """Distinct `client` label values at most; later clients are counted under 'other'."""
+    affected_window: PositiveDuration = 60.0
+    """Seconds a client counts in dnschaos_affected_clients_recent after a rule last hit it."""
 
     @field_validator("listen")
     @classmethod
@@ -129,3 +151,14 @@ class Settings(Base):
 
     def _is_own_listener(self, upstream: str) -> bool:
         return upstream in self.listen
+
+    def check_admin_token(self) -> None:
+        """Refuse an admin listener off loopback without a token."""
+        if self.admin is None or self.admin_token:
+            return
+        host, _ = split_hostport(self.admin, 5380)
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ConfigError(
+                f"the admin listener {self.admin} is not on loopback: set admin_token "
+                "(or DNSCHAOS_ADMIN_TOKEN) so that nobody else can start or stop faults"
+            )

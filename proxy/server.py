@@ -1,5 +1,11 @@
 """Starts and stops everything that listens: the UDP and TCP frontends, the
-upstream sockets and the admin HTTP listener."""
+upstream sockets and the admin HTTP listener, and the game-day machinery
+(runs manager, scenario directory watcher).
+
+Shutdown (SIGTERM, SIGINT): every run ends first (faults revert, queries held
+in a delay are released, reports written), then the listeners stop taking
+queries and the ones in flight are drained, then everything closes.  SIGHUP
+re-reads the scenario directory."""
 
 from __future__ import annotations
 
@@ -21,14 +27,30 @@ log = logging.getLogger("dnschaos.server")
 
 
 class Server:
-    def __init__(self, settings: Settings, engine: Any = None) -> None:
+    def __init__(self, settings: Settings, engine: Any = None,
+                 start: list[dict[str, Any]] | None = None) -> None:
+        """start: runs to start once listening, each keyword arguments of
+        GameDay.start plus `scenario` (a Scenario) and `file`; a scenario
+        with a schedule is only registered (its schedule starts it)."""
         if engine is None:
             from proxy.core.engine import Engine
 
             engine = Engine()
+        from proxy.gameday.audit import AuditLog
+        from proxy.gameday.catalog import Catalog
+        from proxy.gameday.runs import GameDay
+
         self.settings = settings
         self.engine = engine
         self.forwarder = Forwarder(settings, self.engine)
+        self.audit = AuditLog(settings.audit_log)
+        self.gameday = GameDay(engine, max_run_duration=settings.max_run_duration,
+                               catalog=Catalog(settings.scenario_dir),
+                               report_dir=settings.report_dir,
+                               release=self.forwarder.release_delayed)
+        self._initial = start or []
+        self._watch_stop: asyncio.Event | None = None
+        self._watcher: asyncio.Task | None = None
         self.registry = make_registry(self.forwarder)
         self.tcp_connections: set[TcpConnection] = set()
         self.listen_addresses: list[str] = []  # with the real ports, once bound
@@ -42,6 +64,7 @@ class Server:
         self._phase_seen: tuple | None = None
 
     async def start(self) -> None:
+        self.settings.check_admin_token()
         loop = asyncio.get_running_loop()
         await self.forwarder.start()
         for text in self.settings.listen:
@@ -73,14 +96,42 @@ class Server:
             bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
             self.admin_address = format_hostport(host, bound[1])
         self._watch_phases()
+        self._start_gameday()
         log.info(
             "dnschaos listening on %s (UDP and TCP), forwarding to %s (%s), admin on %s",
             ", ".join(self.listen_addresses), ", ".join(self.settings.upstreams),
             self.settings.policy, self.admin_address or "nothing (off)",
         )
 
+    def _start_gameday(self) -> None:
+        gameday = self.gameday
+        if self.settings.scenario_dir:
+            changes = gameday.reload()
+            log.info("%d scenario(s) in %s%s", len(gameday.catalog.scenarios),
+                     self.settings.scenario_dir,
+                     f", {len(changes.errors)} file(s) refused" if changes.errors else "")
+            from proxy.gameday.watcher import watch
+
+            self._watch_stop = asyncio.Event()
+            self._watcher = asyncio.get_running_loop().create_task(
+                watch(self.settings.scenario_dir, gameday.reload, self._watch_stop),
+                name="scenario watcher")
+        for spec in self._initial:
+            spec = dict(spec)
+            scenario = spec.pop("scenario")
+            gameday.add_scenario(scenario, spec.pop("file", None))
+            if scenario.schedule and spec.get("at") is None:
+                continue  # the schedule starts it (and rejoins a run in progress)
+            gameday.start(scenario.name, **spec)
+        gameday.tick()  # a schedule in progress rejoins before the first query
+        gameday.start_background()
+
     def _watch_phases(self) -> None:
-        """Log each phase change of the running scenario: one line per event."""
+        """Log phase changes of runs the game-day manager does not own (it logs
+        its own): one line per event."""
+        if self.gameday.runs:
+            self._phase_watch = asyncio.get_running_loop().call_later(0.1, self._watch_phases)
+            return
         phase = self.engine.current_phase(time.time())
         seen = (self.engine.scenario, phase[0], phase[1]) if phase else None
         if seen != self._phase_seen:
@@ -95,6 +146,7 @@ class Server:
     async def stop(self) -> None:
         if self._phase_watch is not None:
             self._phase_watch.cancel()
+        await self.stop_gameday()
         for udp in self._udp:
             udp.close()
         for tcp in self._tcp:
@@ -106,14 +158,34 @@ class Server:
         await self.forwarder.stop()
         self._stopped.set()
 
+    async def stop_gameday(self) -> None:
+        """End every run (reports written) and stop the watcher; idempotent."""
+        if self._watch_stop is not None:
+            self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            try:
+                await self._watcher
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+            self._watcher = None
+        await self.gameday.close()
+
+    def reload_scenarios(self) -> None:
+        changes = self.gameday.reload()
+        log.info("SIGHUP: scenario directory re-read: %d changed, %d removed, %d refused",
+                 len(changes.changed), len(changes.removed), len(changes.errors))
+
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_scenarios)
         await self.start()
         await stop.wait()
-        log.info("stopping: draining queries in flight")
+        log.info("stopping: every fault reverts, then queries in flight are drained")
+        await self.stop_gameday()
         await self.drain()
         await self.stop()
         log.info("stopped")

@@ -1,24 +1,50 @@
 """The engine: which rule, if any, applies to a query, and what it does.
 
-How it works: `load` compiles a whole scenario up front (selectors, faults,
-limits; nothing is validated or compiled per query) and computes when each
-phase starts and ends: phase i starts at started_at + time_scale * (the
-durations before it).  `on_query` finds the phase for `now` (cached; looked
-up again only when `now` leaves it), walks its rules in file order and the
-first rule whose selector matches and whose limit allows decides: its fault
-returns a verdict, or None to let the query pass untouched (a flap that is
-off), and no later rule is tried.  A rule whose limit is used up is skipped
-as if it did not match.  After the last phase nothing applies and `active`
-turns False, so the transport skips the engine again.
+How it works: the engine holds several *runs* at once, each with an id, its
+own compiled plan and its own clock offset: ad hoc rules (one rule each,
+optionally expiring) and scenario runs.  `add_run` compiles a whole
+scenario up front (selectors, faults, limits; nothing is validated or
+compiled per query) and computes when each phase starts and ends: phase i
+starts at started_at + time_scale * (the durations before it).
+
+`on_query` walks the live runs in order -- ad hoc rules first (oldest
+first), then scenario runs by start time -- and within a run the rules of
+its phase for `now` (cached; looked up again only when `now` leaves it) in
+file order.  The first rule across all runs whose selector matches and whose
+limit allows decides: its fault returns a verdict, or None to let the query
+pass untouched (a flap that is off), and no later rule is tried.  A rule
+whose limit is used up is skipped as if it did not match.
+
+Dry runs only watch: every dry run sees every query, its first matching rule
+counts the match, the client and the name (and whether its fault would have
+done something), and the search for a real rule goes on, so a dry run never
+changes an answer, not even by shadowing a real run's rule.
+
+Pause freezes a run's own timeline: while paused it does nothing, and on
+resume its phases continue where they were (its clock offset grows by the
+pause).  A paused *scheduled* run therefore drifts off its schedule.  The
+hard end (`hard_end`, the maximum duration) is wall time and ignores pauses:
+when it is reached the run ends, whatever else happened.
+
+A run ends when its last phase is over ("completed"), at its hard end
+("max_duration"), or when removed.  An ended run applies nothing but keeps
+its counters until `forget` drops it.  `active` is True while any run is
+live (pending, running) and has rules; otherwise the transport skips the
+engine.  `tick(now)` returns the runs that ended since the last call.
 
 Stale answers: every rule whose fault can serve stale answers also gets a
 side-effect-free copy of its selector (sampling keys ignored) that says
-which names to record.  While a scenario runs, queries for those names get
-a `Forward(respond=...)` so the upstream's answer comes back through
-`on_response` and into the store.  While a `source: last` rule is active,
-the names it selects are not recorded, so it keeps serving the answer from
-before it became active.  A phase with a `source: snapshot` rule copies the
-store when it starts.
+which names to record.  While such a run is live, queries for those names
+get a `Forward(respond=...)` so the upstream's answer comes back through
+`on_response` and into the (shared) store.  While a `source: last` rule is
+active, the names it selects are not recorded, so it keeps serving the
+answer from before it became active.  A phase with a `source: snapshot` rule
+copies the store when it starts.
+
+Affected clients are counted per (run, rule, client): first and last seen
+(wall clock), faults by type, names asked.  Bounded: at most `client_cap`
+clients per rule (the rest fold into the client "other") and 100 names per
+client (the rest fold into the name "other").
 
 Faults fail open: an exception in a fault is counted in the rule's `errors`
 and the query is forwarded unchanged (or the answer passed through).
@@ -39,6 +65,12 @@ from proxy.core.stale import StaleStore
 from proxy.core.verdict import Forward, Verdict
 
 ADHOC = "adhoc"
+OTHER = "other"
+"""The client (or name) that counts everything beyond the caps."""
+NAMES_PER_CLIENT = 100
+
+# Run states, as runs_info() shows them.
+PENDING, RUNNING, PAUSED, ENDED = "pending", "running", "paused", "ended"
 
 
 @dataclass(slots=True)
@@ -48,9 +80,20 @@ class Counters:
     matched: int = 0
     """Queries this rule won (selected, within its limit)."""
     injected: int = 0
-    """Queries whose fault did something (a verdict other than 'pass untouched')."""
+    """Queries whose fault did something (a verdict other than 'pass untouched');
+    for dry runs: would have done something."""
     errors: int = 0
     """Exceptions raised by the fault; the query was forwarded unchanged."""
+
+
+@dataclass(slots=True)
+class ClientRecord:
+    """What one client did to one rule."""
+
+    first_seen: float
+    last_seen: float
+    faults: dict[str, int] = field(default_factory=dict)
+    names: dict[str, int] = field(default_factory=dict)
 
 
 class Limiter:
@@ -99,6 +142,10 @@ class CompiledRule:
     """For rules that can serve stale answers: the names whose answers to record."""
     serves_last: bool
     """The rule serves `source: last` answers: its names are not recorded while it is active."""
+    run: str = ""
+    dry_run: bool = False
+    clients: dict[str, ClientRecord] = field(default_factory=dict)
+    """Affected clients by address (at most the engine's client_cap, then OTHER)."""
 
     def describe(self) -> str:
         return f"{self.name}: {self.selector.describe()} -> {self.fault.describe()}"
@@ -128,6 +175,76 @@ class CompiledPhase:
                 and not any(s.matches(q) for s in self.unrecorded))
 
 
+@dataclass(slots=True)
+class Run:
+    """One run: a compiled plan and its own timeline.  Times in the plan are
+    run time; run time = wall time - `shift` (the seconds spent paused)."""
+
+    id: str
+    scenario: str
+    adhoc: bool
+    dry_run: bool
+    seq: int
+    started_at: float
+    """Wall time the run started (or will start); its order among runs."""
+    start: float
+    end: float
+    """First phase start and last phase end, run time."""
+    hard_end: float
+    """Wall time at which the run ends whatever else happened (math.inf: never)."""
+    phases: tuple[CompiledPhase, ...]
+    waiting: CompiledPhase
+    """A rule-less pseudo-phase before the first phase starts (it still records)."""
+    rules: tuple[CompiledRule, ...]
+    shift: float = 0.0
+    paused_at: float | None = None
+    ended: str | None = None
+    """None while live; else why it ended: completed, max_duration, stopped..."""
+    ended_at: float | None = None
+    current: CompiledPhase | None = None
+    reported: bool = False
+    """Whether tick() has returned it as ended."""
+
+    @property
+    def live(self) -> bool:
+        return self.ended is None and self.paused_at is None
+
+    def run_time(self, now: float) -> float:
+        return (self.paused_at if self.paused_at is not None else now) - self.shift
+
+    def phase_at(self, t: float, store: StaleStore) -> CompiledPhase | None:
+        """The phase for run time `t` (cached); None once past the end."""
+        current = self.current
+        if current is not None and current.start <= t < current.end:
+            return current
+        if t >= self.end:
+            self.current = None
+            return None
+        found = self.waiting
+        for phase in self.phases:
+            if phase.start <= t < phase.end:
+                found = phase
+                break
+        if found.takes_snapshot:
+            found.state.snapshot = store.snapshot()
+        self.current = found
+        return found
+
+    def phase_info(self, now: float) -> tuple[int, str, float] | None:
+        t = self.run_time(now)
+        for phase in self.phases:
+            if phase.start <= t < phase.end:
+                return phase.index, phase.name, phase.end - t
+        return None
+
+    def state(self, now: float) -> str:
+        if self.ended is not None:
+            return ENDED
+        if self.paused_at is not None:
+            return PAUSED
+        return PENDING if self.run_time(now) < self.start else RUNNING
+
+
 @dataclass(frozen=True, slots=True)
 class _Respond:
     """What `on_response` must do with the upstream's answer (opaque to the transport)."""
@@ -136,39 +253,35 @@ class _Respond:
     rule: CompiledRule | None
     phase: PhaseState | None
     record: bool
+    run: Run | None = None
 
 
 _RECORD_ONLY = Forward(respond=_Respond(None, None, None, True))
 
 
-@dataclass
-class _Plan:
-    scenario: str
-    start: float
-    end: float
-    phases: tuple[CompiledPhase, ...]
-    waiting: CompiledPhase
-    """A rule-less pseudo-phase before the first phase starts (it still records)."""
-    rules: tuple[CompiledRule, ...] = field(default=())
-
-
 class Engine:
-    """Applies the loaded scenario's rules to queries and responses.  Pure:
+    """Applies the rules of every live run to queries and responses.  Pure:
     the caller passes the clock value and the random generator in."""
 
-    def __init__(self, stale_capacity: int = 10_000) -> None:
+    def __init__(self, stale_capacity: int = 10_000, client_cap: int = 10_000) -> None:
         self.store = StaleStore(stale_capacity)
+        self.client_cap = client_cap
         self.active = False
-        """False when nothing is loaded (or the scenario is over): the transport skips the engine."""
+        """False when no run is live (nothing loaded, all over or paused): the
+        transport skips the engine."""
         self.errors = 0
         """Failures outside any rule's fault (recording stale answers)."""
-        self._plan: _Plan | None = None
-        self._current: CompiledPhase | None = None
+        self._runs: dict[str, Run] = {}
+        self._order: tuple[Run, ...] = ()
+        """The live runs, in rule order."""
+        self._seq = 0
 
-    # --- loading -------------------------------------------------------------------
+    # --- runs ------------------------------------------------------------------------
 
-    def load(self, scenario: Scenario, started_at: float, now: float) -> None:
-        """Compile `scenario` and run it from `started_at` (wall-clock seconds)."""
+    def add_run(self, run_id: str, scenario: Scenario, started_at: float, now: float, *,
+                dry_run: bool = False, max_duration: float | None = None) -> Run:
+        """Compile `scenario` and run it from `started_at` (wall-clock seconds)
+        until its end or `started_at + max_duration`, alongside the other runs."""
         phases = []
         offset = 0.0
         for phase in scenario.phases:
@@ -176,46 +289,176 @@ class Engine:
             offset += phase.duration
             phases.append((phase.name, start, started_at + offset * scenario.time_scale,
                            phase.rules))
-        self._install(scenario.name, phases, now)
+        hard_end = math.inf if max_duration is None else started_at + max_duration
+        return self._install(run_id, scenario.name, phases, now, started_at=started_at,
+                             dry_run=dry_run, hard_end=hard_end, adhoc=False)
+
+    def add_rule(self, run_id: str, rule: Rule, now: float, expires_at: float | None = None, *,
+                 dry_run: bool = False) -> Run:
+        """One ad hoc rule, applied before any scenario run's, until `expires_at`
+        (None: until removed)."""
+        end = math.inf if expires_at is None else expires_at
+        return self._install(run_id, ADHOC, [(ADHOC, now, end, [rule])], now, started_at=now,
+                             dry_run=dry_run, hard_end=end, adhoc=True)
+
+    def stop_run(self, run_id: str, now: float, reason: str = "stopped") -> bool:
+        """End a run at once (its counters stay until `forget`).  False when it
+        was not live (unknown or already ended): a second stop is harmless."""
+        run = self._runs.get(run_id)
+        if run is None or run.ended is not None:
+            return False
+        self._end(run, reason, now)
+        self._refresh()
+        return True
+
+    def pause(self, run_id: str, now: float) -> bool:
+        run = self._runs.get(run_id)
+        if run is None or run.ended is not None or run.paused_at is not None:
+            return False
+        run.paused_at = now
+        run.current = None
+        self._refresh()
+        return True
+
+    def resume(self, run_id: str, now: float) -> bool:
+        run = self._runs.get(run_id)
+        if run is None or run.ended is not None or run.paused_at is None:
+            return False
+        run.shift += now - run.paused_at
+        run.paused_at = None
+        self._refresh()
+        self._check(run, now)
+        self._refresh()
+        return True
+
+    def forget(self, run_id: str) -> bool:
+        """Drop a run and its counters (stopping it first if it is live)."""
+        run = self._runs.pop(run_id, None)
+        if run is None:
+            return False
+        if run.ended is None:
+            run.ended = "removed"
+        self._refresh()
+        return True
+
+    def reset(self, now: float, reason: str = "reset") -> list[str]:
+        """End every live run at once; the ids ended."""
+        ended = [run.id for run in self._runs.values() if run.ended is None]
+        for run_id in ended:
+            self._end(self._runs[run_id], reason, now)
+        self._refresh()
+        return ended
+
+    def tick(self, now: float) -> list[tuple[str, str]]:
+        """Move every run to `now`; (run id, reason) of each run that ended
+        since the last call (each returned once)."""
+        for run in list(self._runs.values()):
+            self._check(run, now)
+        self._refresh()
+        out = []
+        for run in self._runs.values():
+            if run.ended is not None and not run.reported:
+                run.reported = True
+                out.append((run.id, run.ended))
+        return out
+
+    def get_run(self, run_id: str) -> Run | None:
+        return self._runs.get(run_id)
+
+    def run_ids(self) -> list[str]:
+        return [run.id for run in self._sorted(self._runs.values())]
+
+    # --- the legacy single-plan API (proxy/demo.py, the engine tests) ------------------
+
+    def load(self, scenario: Scenario, started_at: float, now: float) -> None:
+        """Replace everything with `scenario`, run from `started_at`."""
+        self.clear()
+        self.add_run(scenario.name, scenario, started_at, now)
 
     def set_rules(self, rules: list[Rule], phase_started_at: float,
                   phase_duration: float | None = None, now: float | None = None,
                   *, name: str = ADHOC) -> None:
-        """Run ad-hoc rules as a one-phase scenario named `name`; no duration: until cleared."""
+        """Replace everything with ad-hoc rules as a one-phase run named `name`;
+        no duration: until cleared."""
+        self.clear()
         end = math.inf if phase_duration is None else phase_started_at + phase_duration
-        self._install(name, [(name, phase_started_at, end, rules)],
-                      phase_started_at if now is None else now)
+        self._install(name, name, [(name, phase_started_at, end, rules)],
+                      phase_started_at if now is None else now, started_at=phase_started_at,
+                      dry_run=False, hard_end=math.inf, adhoc=True)
 
     def clear(self) -> None:
-        """Revert everything at once: no rules, nothing recorded."""
-        self._plan = None
-        self._current = None
+        """Revert everything at once: no runs, nothing recorded."""
+        for run in self._runs.values():
+            if run.ended is None:
+                run.ended = "cleared"
+        self._runs.clear()
+        self._order = ()
         self.active = False
         self.store.clear()
 
-    def _install(self, scenario: str, phases: list[tuple[str, float, float, list[Rule]]],
-                 now: float) -> None:
-        compiled = [self._compile_phase(scenario, index, *spec)
+    def current_phase(self, now: float) -> tuple[int, str, float] | None:
+        """(index, name, seconds left) of the phase running at `now` in the
+        first run (in rule order) that has one, or None."""
+        for run in self._sorted(self._runs.values()):
+            if run.ended is None or run.ended == "completed":
+                info = run.phase_info(now)
+                if info is not None:
+                    return info
+        return None
+
+    @property
+    def scenario(self) -> str | None:
+        """The first live run's scenario name (else the first run's)."""
+        runs = self._order or tuple(self._sorted(self._runs.values()))
+        return runs[0].scenario if runs else None
+
+    @property
+    def ends_at(self) -> float | None:
+        """When the first run is over (math.inf for ad-hoc rules without a duration)."""
+        runs = self._order or tuple(self._sorted(self._runs.values()))
+        if not runs:
+            return None
+        run = runs[0]
+        return min(run.end + run.shift, run.hard_end)
+
+    # --- building ----------------------------------------------------------------------
+
+    def _install(self, run_id: str, scenario: str,
+                 phases: list[tuple[str, float, float, list[Rule]]], now: float, *,
+                 started_at: float, dry_run: bool, hard_end: float, adhoc: bool) -> Run:
+        old = self._runs.get(run_id)
+        if old is not None and old.ended is None:
+            raise ValueError(f"a run called {run_id!r} is already running")
+        compiled = [self._compile_phase(scenario, index, *spec, run=run_id, dry_run=dry_run)
                     for index, spec in enumerate(phases)]
         rules = tuple(rule for phase in compiled for rule in phase.rules)
-        # Names that any stale rule of the scenario may serve are recorded in
-        # every phase, except while a `last` rule selecting them is active.
-        recorders = tuple(rule.recorder for rule in rules if rule.recorder is not None)
+        # Names that any stale rule of the run may serve are recorded in every
+        # phase, except while a `last` rule selecting them is active.
+        recorders = () if dry_run else tuple(
+            rule.recorder for rule in rules if rule.recorder is not None)
         for phase in compiled:
             phase.record = recorders
             phase.unrecorded = tuple(rule.recorder for rule in phase.rules
-                                     if rule.recorder is not None and rule.serves_last)
+                                     if rule.recorder is not None and rule.serves_last
+                                     and not dry_run)
         start = min((p.start for p in compiled), default=now)
         end = max((p.end for p in compiled), default=now)
         waiting = CompiledPhase(-1, "", -math.inf, start, (), PhaseState(), False, recorders)
-        self.clear()
-        self._plan = _Plan(scenario, start, end, tuple(compiled), waiting, rules)
-        if rules:
-            self.active = True
-            self._phase_at(now)
+        self._seq += 1
+        run = Run(run_id, scenario, adhoc, dry_run, self._seq, started_at, start, end, hard_end,
+                  tuple(compiled), waiting, rules)
+        self._runs.pop(run_id, None)
+        self._runs[run_id] = run
+        if not rules:
+            run.ended = "completed"  # nothing to do
+            run.ended_at = now
+        else:
+            self._check(run, now)
+        self._refresh()
+        return run
 
     def _compile_phase(self, scenario: str, index: int, name: str, start: float, end: float,
-                       rules: list[Rule]) -> CompiledPhase:
+                       rules: list[Rule], *, run: str = "", dry_run: bool = False) -> CompiledPhase:
         compiled = []
         for number, rule in enumerate(rules):
             fault = build_fault(rule.fault, self.store)
@@ -231,77 +474,88 @@ class Engine:
                 counters=Counters(),
                 recorder=Selector(rule.match, sampling=False) if stale else None,
                 serves_last=any(not f.snapshot for f in stale),
+                run=run,
+                dry_run=dry_run,
             ))
         takes_snapshot = any(isinstance(f, Stale) and f.snapshot
                              for rule in compiled for f in rule.fault.walk())
         return CompiledPhase(index, name, start, end, tuple(compiled), PhaseState(start),
                              takes_snapshot)
 
-    # --- phases ----------------------------------------------------------------------
+    # --- run state ----------------------------------------------------------------------
 
-    def _phase_at(self, now: float) -> CompiledPhase | None:
-        current = self._current
-        if current is not None and current.start <= now < current.end:
-            return current
-        plan = self._plan
-        if plan is None:
-            return None
-        if now >= plan.end:
-            self._current = None
-            self.active = False  # the scenario is over: everything reverts
-            return None
-        found = plan.waiting
-        for phase in plan.phases:
-            if phase.start <= now < phase.end:
-                found = phase
-                break
-        if found.takes_snapshot:
-            found.state.snapshot = self.store.snapshot()
-        self._current = found
-        return found
+    @staticmethod
+    def _sorted(runs: Any) -> list[Run]:
+        """Rule order: ad hoc rules first (oldest first), then runs by start time."""
+        return sorted(runs, key=lambda r: (not r.adhoc, 0.0 if r.adhoc else r.started_at, r.seq))
 
-    def current_phase(self, now: float) -> tuple[int, str, float] | None:
-        """(index, name, seconds left) of the phase running at `now`, or None."""
-        if self._plan is None:
-            return None
-        for phase in self._plan.phases:
-            if phase.start <= now < phase.end:
-                return phase.index, phase.name, phase.end - now
-        return None
+    def _refresh(self) -> None:
+        self._order = tuple(self._sorted(r for r in self._runs.values() if r.live))
+        self.active = bool(self._order)
 
-    @property
-    def scenario(self) -> str | None:
-        """The loaded scenario's name."""
-        return self._plan.scenario if self._plan is not None else None
+    def _end(self, run: Run, reason: str, now: float) -> None:
+        run.ended = reason
+        run.ended_at = now
+        run.current = None
 
-    @property
-    def ends_at(self) -> float | None:
-        """When the loaded scenario is over (math.inf for ad-hoc rules without a duration)."""
-        return self._plan.end if self._plan is not None else None
+    def _check(self, run: Run, now: float) -> None:
+        """End `run` if its hard end or its last phase is behind `now`."""
+        if run.ended is not None:
+            return
+        done = run.paused_at is None and run.run_time(now) >= run.end
+        if done and run.end + run.shift <= run.hard_end:
+            self._end(run, "completed" if not run.adhoc else "expired", run.end + run.shift)
+        elif now >= run.hard_end:
+            self._end(run, "max_duration" if not run.adhoc else "expired", run.hard_end)
 
     # --- the hooks ---------------------------------------------------------------------
 
     def on_query(self, q: QueryView, now: float, rng: Random) -> Verdict | None:
         """The verdict for a query; None: forward it unchanged."""
         try:
-            phase = self._phase_at(now)
-            if phase is None:
-                return None
             verdict: Verdict | None = None
-            winner = None
-            if phase.rules:
-                progress = phase.progress(now)
-                for rule in phase.rules:
-                    if rule.selector.matches(q, progress, rng) and (
-                        rule.limiter is None or rule.limiter.allows(now)
-                    ):
-                        winner = rule
-                        break
-            if winner is not None:
-                verdict = self._apply(winner, q, now, rng, phase.state)
-            record = bool(phase.record) and phase.should_record(q)
+            winner: CompiledRule | None = None
+            winner_run: Run | None = None
+            winner_state: PhaseState | None = None
+            record = False
+            unrecord = False
+            changed = False
+            for run in self._order:
+                if now >= run.hard_end:
+                    self._check(run, now)
+                    changed = True
+                    continue
+                t = now - run.shift
+                phase = run.phase_at(t, self.store)
+                if phase is None:
+                    self._check(run, now)
+                    changed = True
+                    continue
+                if run.dry_run:
+                    if phase.rules:
+                        self._observe(phase, q, t, now, rng)
+                    continue
+                if winner is None and phase.rules:
+                    progress = phase.progress(t)
+                    for rule in phase.rules:
+                        if rule.selector.matches(q, progress, rng) and (
+                            rule.limiter is None or rule.limiter.allows(t)
+                        ):
+                            winner, winner_run, winner_state = rule, run, phase.state
+                            break
+                    if winner is not None:
+                        verdict = self._apply(winner, q, t, now, rng, phase.state)
+                if phase.record:
+                    if any(s.matches(q) for s in phase.record):
+                        record = True
+                    if phase.unrecorded and any(s.matches(q) for s in phase.unrecorded):
+                        unrecord = True
+            if changed:
+                self._refresh()
+            record = record and not unrecord
             if isinstance(verdict, Forward) and verdict.respond is not None:
-                return Forward(verdict.delay, _Respond(verdict.respond, winner, phase.state, record))
+                return Forward(verdict.delay, _Respond(verdict.respond, winner, winner_state,
+                                                       record, winner_run))
             if record and verdict is None:
                 return _RECORD_ONLY
             if record and isinstance(verdict, Forward):
@@ -311,20 +565,53 @@ class Engine:
             self.errors += 1
             return None
 
-    @staticmethod
-    def _apply(rule: CompiledRule, q: QueryView, now: float, rng: Random,
+    def _apply(self, rule: CompiledRule, q: QueryView, t: float, now: float, rng: Random,
                state: PhaseState) -> Verdict | None:
         rule.counters.matched += 1
         try:
-            verdict = rule.fault.apply(q, now, rng, state)
+            verdict = rule.fault.apply(q, t, rng, state)
         except Exception:  # noqa: BLE001 - fail open, whatever the bug
             rule.counters.errors += 1
+            self._count_client(rule, q, now, None)
             return None
         if verdict is not None:
             rule.counters.injected += 1
             if rule.limiter is not None:
                 rule.limiter.take()
+        self._count_client(rule, q, now, rule.fault.type if verdict is not None else None)
         return verdict
+
+    def _observe(self, phase: CompiledPhase, q: QueryView, t: float, now: float,
+                 rng: Random) -> None:
+        """A dry run: count what its first matching rule would have done."""
+        progress = phase.progress(t)
+        for rule in phase.rules:
+            if rule.selector.matches(q, progress, rng) and (
+                rule.limiter is None or rule.limiter.allows(t)
+            ):
+                self._apply(rule, q, t, now, rng, phase.state)  # the verdict is thrown away
+                return
+
+    def _count_client(self, rule: CompiledRule, q: QueryView, now: float,
+                      fault: str | None) -> None:
+        clients = rule.clients
+        record = clients.get(q.client)
+        if record is None:
+            key = q.client if len(clients) < self.client_cap else OTHER
+            record = clients.get(key)
+            if record is None:
+                record = clients[key] = ClientRecord(now, now)
+        record.last_seen = now
+        if fault is not None:
+            record.faults[fault] = record.faults.get(fault, 0) + 1
+        names = record.names
+        name = q.qname
+        if name in names:
+            names[name] += 1
+        elif len(names) < NAMES_PER_CLIENT:
+            names[name] = 1
+        else:
+            names[OTHER] = names.get(OTHER, 0) + 1
 
     def on_response(self, q: QueryView, verdict: Forward, wire: bytes, now: float,
                     rng: Random) -> bytes | None:
@@ -339,8 +626,12 @@ class Engine:
                 self.errors += 1
         if job.fault is None:
             return wire
+        run = job.run
+        if run is not None and not run.live:
+            return wire  # stopped (or paused) since the query went out: no fault any more
         try:
-            return job.fault.respond(q, wire, now, rng, job.phase or PhaseState())
+            t = now - run.shift if run is not None else now
+            return job.fault.respond(q, wire, t, rng, job.phase or PhaseState())
         except Exception:  # noqa: BLE001 - fail open, whatever the bug
             if job.rule is not None:
                 job.rule.counters.errors += 1
@@ -350,26 +641,69 @@ class Engine:
 
     # --- reading ------------------------------------------------------------------------
 
-    def rules(self) -> list[CompiledRule]:
-        """Every compiled rule of the loaded scenario, phase by phase."""
-        return list(self._plan.rules) if self._plan is not None else []
+    def rules(self, run: str | None = None) -> list[CompiledRule]:
+        """Every compiled rule of every run (or of `run`), in rule order."""
+        return [rule for r in self._sorted(self._runs.values())
+                if run is None or r.id == run for rule in r.rules]
 
     def describe(self) -> list[str]:
         """One line per rule: 'phase/rule: selector -> fault'."""
         return [f"{rule.phase}: {rule.describe()}" for rule in self.rules()]
 
-    def stats(self) -> list[dict[str, Any]]:
-        """Per rule: scenario, phase, phase_index, rule, fault, matched, injected, errors."""
+    def stats(self, run: str | None = None) -> list[dict[str, Any]]:
+        """Per rule: run, scenario, phase, phase_index, rule, fault, dry_run,
+        matched, injected, errors."""
         return [
             {
+                "run": rule.run,
                 "scenario": rule.scenario,
                 "phase": rule.phase,
                 "phase_index": rule.phase_index,
                 "rule": rule.name,
                 "fault": rule.fault.type,
+                "dry_run": rule.dry_run,
                 "matched": rule.counters.matched,
                 "injected": rule.counters.injected,
                 "errors": rule.counters.errors,
             }
-            for rule in self.rules()
+            for rule in self.rules(run)
         ]
+
+    def client_stats(self, run: str | None = None) -> list[dict[str, Any]]:
+        """Per (run, rule, client): run, scenario, phase, rule, client, dry_run,
+        first_seen, last_seen, faults {type: count}, names {name: count}."""
+        return [
+            {
+                "run": rule.run,
+                "scenario": rule.scenario,
+                "phase": rule.phase,
+                "rule": rule.name,
+                "client": client,
+                "dry_run": rule.dry_run,
+                "first_seen": record.first_seen,
+                "last_seen": record.last_seen,
+                "faults": dict(record.faults),
+                "names": dict(record.names),
+            }
+            for rule in self.rules(run)
+            for client, record in list(rule.clients.items())
+        ]
+
+    def runs_info(self, now: float) -> list[dict[str, Any]]:
+        """Per run: run, scenario, state, dry_run, phase, phase_index, remaining
+        (seconds left in the phase; None outside a phase)."""
+        out = []
+        for run in self._sorted(self._runs.values()):
+            state = run.state(now)
+            info = run.phase_info(now) if state in (RUNNING, PAUSED) else None
+            out.append({
+                "run": run.id,
+                "scenario": run.scenario,
+                "state": state,
+                "dry_run": run.dry_run,
+                "phase": info[1] if info else None,
+                "phase_index": info[0] if info else None,
+                "remaining": (min(info[2], run.hard_end - now) if state == RUNNING
+                              else info[2]) if info else None,
+            })
+        return out

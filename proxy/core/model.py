@@ -433,6 +433,54 @@ class Phase(Base):
     rules: list[Rule] = Field(default_factory=list)
 
 
+# --- game days: probes -------------------------------------------------------
+
+
+class PrometheusCheck(Base):
+    """A Prometheus instant query whose value must stay at or under `max`."""
+
+    url: str
+    """The Prometheus server, e.g. 'http://prometheus:9090'."""
+    query: str
+    """PromQL; every sample of the result is compared (none: the check passes)."""
+    max: float
+
+
+class Probe(Base):
+    """A stop condition: checked every `interval`; after `failures` failures
+    in a row the run aborts.  Give exactly one of `http`, `prometheus`, `command`."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    http: str | None = None
+    """A URL that must answer 2xx."""
+    prometheus: PrometheusCheck | None = None
+    command: Annotated[list[str], Field(min_length=1)] | None = None
+    """A command (argv list, no shell) that must exit 0."""
+    interval: Annotated[Duration, Field(gt=0)] = 10.0
+    failures: Annotated[int, Field(ge=1)] = 3
+    """Consecutive failures that abort the run."""
+    timeout: Annotated[Duration, Field(gt=0)] = 5.0
+    """A check that takes longer fails."""
+
+    @field_validator("http")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_check(self) -> Probe:
+        given = [k for k in ("http", "prometheus", "command") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of: http, prometheus, command")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "http" if self.http else "prometheus" if self.prometheus else "command"
+
+
 class Scenario(Base):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     description: str = ""
@@ -440,7 +488,47 @@ class Scenario(Base):
     """Multiplies every phase duration: 0.1 replays a 3 h incident in 18 min."""
     seed: int = 0
     """Seed for the per-query random choices, for reproducible runs."""
+    schedule: str | None = None
+    """A cron expression ('0 14 * * TUE'): the scenario starts at each of its
+    times, in `timezone`, and phases follow the wall clock from there."""
+    timezone: str | None = None
+    """IANA time zone of `schedule` ('Europe/Paris', 'UTC'); required with it."""
+    max_duration: Annotated[Duration, Field(gt=0)] | None = None
+    """Hard limit of a run (wall time, pauses included); default: the
+    scenario's total length.  Always capped by the proxy's `max_run_duration`."""
+    probes: list[Probe] = Field(default_factory=list)
+    """Stop conditions checked during a run; one failing `failures` times aborts it."""
     phases: Annotated[list[Phase], Field(min_length=1)]
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            from proxy.core.schedule import check_cron
+
+            check_cron(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            from proxy.core.schedule import check_timezone
+
+            check_timezone(value)
+        return value
+
+    @model_validator(mode="after")
+    def _zone_with_schedule(self) -> Scenario:
+        if self.schedule is not None and self.timezone is None:
+            raise ValueError("a schedule needs an explicit timezone (e.g. timezone: UTC)")
+        if self.timezone is not None and self.schedule is None:
+            raise ValueError("timezone is only meaningful with a schedule")
+        names = [probe.name for probe in self.probes]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"probe name {name!r} used twice")
+        return self
 
     @model_validator(mode="after")
     def _unique_rule_names(self) -> Scenario:

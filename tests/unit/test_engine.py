@@ -371,12 +371,12 @@ def test_stats_and_describe() -> None:
     engine.on_query(query(), 1.0, random.Random(1))
     engine.on_query(query("x.example.org"), 1.0, random.Random(1))
     assert engine.stats() == [
-        {"scenario": "test", "phase": "empty", "phase_index": 0, "rule": "empty/0",
-         "fault": "nxdomain", "matched": 1, "injected": 1, "errors": 0},
-        {"scenario": "test", "phase": "outage", "phase_index": 1, "rule": "down",
-         "fault": "servfail", "matched": 0, "injected": 0, "errors": 0},
-        {"scenario": "test", "phase": "tail", "phase_index": 2, "rule": "tail/0",
-         "fault": "refused", "matched": 0, "injected": 0, "errors": 0},
+        {"run": "test", "scenario": "test", "phase": "empty", "phase_index": 0,
+         "rule": "empty/0", "fault": "nxdomain", "dry_run": False, "matched": 1, "injected": 1, "errors": 0},
+        {"run": "test", "scenario": "test", "phase": "outage", "phase_index": 1,
+         "rule": "down", "fault": "servfail", "dry_run": False, "matched": 0, "injected": 0, "errors": 0},
+        {"run": "test", "scenario": "test", "phase": "tail", "phase_index": 2,
+         "rule": "tail/0", "fault": "refused", "dry_run": False, "matched": 0, "injected": 0, "errors": 0},
     ]
     assert engine.describe() == [
         "empty: empty/0: suffix example.com -> NXDOMAIN (negative TTL 60s)",

@@ -1,0 +1,356 @@
+"""The admin HTTP JSON API: scenarios, runs, ad hoc rules, reports.
+
+Served by the admin listener's aiohttp app in the proxy's own event loop
+(see docs/openapi.yaml for every route).  Reads are open; mutations (POST,
+DELETE) need `Authorization: Bearer TOKEN` when a token is configured, and
+each one, allowed or not, is written to the audit log.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.core.model import Rule, parse_duration
+from proxy.core.schedule import format_time, next_start, parse_time
+from proxy.errors import DnschaosError, InvalidFile
+from proxy.gameday.audit import AuditLog
+from proxy.gameday.report import to_markdown
+from proxy.gameday.runs import Conflict, GameDay, NotFound
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MUTATING = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def add_routes(app: web.Application, gameday: GameDay, audit: AuditLog,
+               token: str | None) -> None:
+    app.middlewares.append(_auth_middleware(audit, token))
+    app["gameday"] = gameday
+    app["audit"] = audit
+    r = app.router
+    r.add_get("/api/status", status)
+    r.add_get("/api/scenarios", list_scenarios)
+    r.add_get("/api/scenarios/{name}", show_scenario)
+    r.add_post("/api/scenarios/{name}/start", audited("start")(start_scenario))
+    r.add_post("/api/reload", audited("reload")(reload))
+    r.add_get("/api/runs", list_runs)
+    r.add_get("/api/runs/{run}", show_run)
+    r.add_post("/api/runs/{run}/stop", audited("stop")(stop_run))
+    r.add_post("/api/runs/{run}/pause", audited("pause")(pause_run))
+    r.add_post("/api/runs/{run}/resume", audited("resume")(resume_run))
+    r.add_post("/api/reset", audited("reset")(reset))
+    r.add_get("/api/rules", list_rules)
+    r.add_post("/api/rules", audited("rule_add")(add_rule))
+    r.add_delete("/api/rules/{name}", audited("rule_remove")(remove_rule))
+    r.add_get("/api/reports", list_reports)
+    r.add_get("/api/reports/{run}", show_report)
+
+
+# --- auth and audit -------------------------------------------------------------------
+
+
+def who(request: web.Request) -> str:
+    user = request.headers.get("X-Dnschaos-User", "").strip()[:64] or "anonymous"
+    return f"{user} (token)" if request.get("authenticated") else user
+
+
+def _auth_middleware(audit: AuditLog, token: str | None) -> Any:
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method in MUTATING and request.path.startswith("/api/"):
+            if token is not None:
+                given = request.headers.get("Authorization", "")
+                scheme, _, value = given.partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(
+                        value.strip().encode(), token.encode()):
+                    audit.write(who=who(request), source=request.remote or "?",
+                                action=f"{request.method} {request.path}", result="denied: "
+                                + ("no token" if not given else "wrong token"))
+                    return web.json_response(
+                        {"error": "this needs Authorization: Bearer TOKEN "
+                                  "(the admin_token of the proxy)"},
+                        status=401, headers={"WWW-Authenticate": 'Bearer realm="dnschaos"'})
+                request["authenticated"] = True
+        return await handler(request)
+
+    return auth
+
+
+def audited(action: str) -> Callable[[Handler], Handler]:
+    """Write the mutation to the audit log, with its outcome."""
+
+    def wrap(handler: Handler) -> Handler:
+        async def run(request: web.Request) -> web.StreamResponse:
+            body: Any = None
+            try:
+                body = await request.json() if request.can_read_body else None
+            except ValueError:
+                body = "<not JSON>"
+            request["body"] = body
+            target = request.match_info.get("name") or request.match_info.get("run")
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                _audit(request, action, target, body, f"error {exc.status}: {exc.text}")
+                raise
+            result = "ok" if response.status < 400 else f"error {response.status}"
+            if response.status >= 400 and isinstance(response, web.Response) and response.text:
+                result += ": " + json.loads(response.text).get("error", "")
+            _audit(request, action, target, body, result,
+                   getattr(response, "_audit_details", None))
+            return response
+
+        run.__name__ = handler.__name__
+        run.__doc__ = handler.__doc__
+        return run
+
+    return wrap
+
+
+def _audit(request: web.Request, action: str, target: str | None, body: Any, result: str,
+           extra: dict[str, Any] | None = None) -> None:
+    details = {"request": body} if body not in (None, {}) else {}
+    if extra:
+        details.update(extra)
+    request.app["audit"].write(who=who(request), source=request.remote or "?", action=action,
+                               target=target, details=details, result=result)
+
+
+def _ok(data: Any, status: int = 200, audit: dict[str, Any] | None = None) -> web.Response:
+    response = web.json_response(data, status=status, dumps=_dumps)
+    if audit is not None:
+        response._audit_details = audit  # type: ignore[attr-defined]
+    return response
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, default=_default)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, float) and math.isinf(value):
+        return None
+    return str(value)
+
+
+def _gd(request: web.Request) -> GameDay:
+    return request.app["gameday"]
+
+
+def _body(request: web.Request) -> dict[str, Any]:
+    body = request.get("body")
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text=json.dumps({"error": "the body must be a JSON object"}),
+                                 content_type="application/json")
+    return body
+
+
+def _errors(fn: Handler) -> Handler:
+    async def run(request: web.Request) -> web.StreamResponse:
+        try:
+            return await fn(request)
+        except NotFound as exc:
+            return _error(404, str(exc))
+        except Conflict as exc:
+            return _error(409, str(exc))
+        except InvalidFile as exc:
+            return _error(400, str(exc))
+        except (ValueError, TypeError, DnschaosError) as exc:
+            return _error(400, str(exc))
+
+    run.__name__ = fn.__name__
+    return run
+
+
+# --- scenarios --------------------------------------------------------------------------
+
+
+@_errors
+async def status(request: web.Request) -> web.Response:
+    return _ok(_gd(request).status())
+
+
+def _scenario_row(gd: GameDay, name: str) -> dict[str, Any]:
+    entry = gd.catalog.scenarios[name]
+    s = entry.scenario
+    now = gd.clock()
+    return {
+        "name": s.name, "description": s.description, "file": entry.file,
+        "phases": len(s.phases), "duration": s.total_duration, "time_scale": s.time_scale,
+        "schedule": s.schedule, "timezone": s.timezone,
+        "next_start": format_time(next_start(s.schedule, s.timezone, now))
+        if s.schedule and s.timezone else None,
+        "max_duration": gd.run_length(s), "probes": [p.name for p in s.probes],
+        "running": [r.id for r in gd.runs.values() if r.scenario.name == s.name],
+    }
+
+
+@_errors
+async def list_scenarios(request: web.Request) -> web.Response:
+    gd = _gd(request)
+    return _ok({"scenarios": [_scenario_row(gd, n) for n in sorted(gd.catalog.scenarios)],
+                "errors": dict(gd.catalog.errors)})
+
+
+@_errors
+async def show_scenario(request: web.Request) -> web.Response:
+    gd = _gd(request)
+    name = request.match_info["name"]
+    if name not in gd.catalog.scenarios:
+        raise NotFound(f"no scenario called {name!r}")
+    s = gd.catalog.scenarios[name].scenario
+    row = _scenario_row(gd, name)
+    offset = 0.0
+    phases = []
+    for phase in s.phases:
+        length = phase.duration * s.time_scale
+        phases.append({
+            "name": phase.name, "starts_after": offset, "duration": length,
+            "rules": [{"name": rule.name or f"{phase.name}/{i}",
+                       "match": rule.match.model_dump(by_alias=True, exclude_none=True),
+                       "fault": rule.fault.model_dump(by_alias=True, exclude_none=True)}
+                      for i, rule in enumerate(phase.rules)],
+        })
+        offset += length
+    row["phases"] = phases
+    row["probe_specs"] = [p.model_dump(exclude_none=True) for p in s.probes]
+    return _ok(row)
+
+
+def _time(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        return parse_time(value)
+    raise ValueError(f"invalid time {value!r}: write e.g. 2026-12-01T14:00Z")
+
+
+def _duration(value: Any) -> float | None:
+    return None if value is None else parse_duration(value)
+
+
+@_errors
+async def start_scenario(request: web.Request) -> web.Response:
+    body = _body(request)
+    unknown = set(body) - {"at", "dry_run", "time_scale", "max_duration"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}: expected at, dry_run, time_scale, "
+                         "max_duration")
+    time_scale = body.get("time_scale")
+    if time_scale is not None and not isinstance(time_scale, (int, float)):
+        raise ValueError("time_scale must be a number")
+    record = _gd(request).start(
+        request.match_info["name"], at=_time(body.get("at")),
+        dry_run=bool(body.get("dry_run", False)), time_scale=time_scale,
+        max_duration=_duration(body.get("max_duration")), trigger="api", who=who(request))
+    return _ok(_gd(request).run_row(record.id), status=201, audit={"run": record.id})
+
+
+@_errors
+async def reload(request: web.Request) -> web.Response:
+    changes = _gd(request).reload()
+    return _ok({"changed": changes.changed, "removed": changes.removed,
+                "errors": changes.errors})
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+
+@_errors
+async def list_runs(request: web.Request) -> web.Response:
+    return _ok({"runs": _gd(request).run_rows()})
+
+
+@_errors
+async def show_run(request: web.Request) -> web.Response:
+    return _ok(_gd(request).run_row(request.match_info["run"]))
+
+
+@_errors
+async def stop_run(request: web.Request) -> web.Response:
+    body = _body(request)
+    detail = f"stopped by {who(request)}" + (f": {body['reason']}" if body.get("reason") else "")
+    stopped = _gd(request).stop(request.match_info["run"], reason="stopped", detail=detail)
+    return _ok({"stopped": stopped})
+
+
+@_errors
+async def pause_run(request: web.Request) -> web.Response:
+    return _ok({"paused": _gd(request).pause(request.match_info["run"])})
+
+
+@_errors
+async def resume_run(request: web.Request) -> web.Response:
+    return _ok({"resumed": _gd(request).resume(request.match_info["run"])})
+
+
+@_errors
+async def reset(request: web.Request) -> web.Response:
+    return _ok(_gd(request).reset(detail=f"reset by {who(request)}"))
+
+
+# --- ad hoc rules ---------------------------------------------------------------------------
+
+
+@_errors
+async def list_rules(request: web.Request) -> web.Response:
+    return _ok({"rules": _gd(request).rule_rows()})
+
+
+@_errors
+async def add_rule(request: web.Request) -> web.Response:
+    from proxy.loader import load_model
+
+    body = dict(_body(request))
+    name = body.pop("name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError("a rule needs a name")
+    duration = _duration(body.pop("duration", None))
+    dry_run = bool(body.pop("dry_run", False))
+    rule = load_model(json.dumps({"name": name, **body}), "<api>", Rule)
+    record = _gd(request).add_rule(name, rule, duration=duration, dry_run=dry_run,
+                                   who=who(request))
+    row = next(r for r in _gd(request).rule_rows() if r["name"] == record.name)
+    return _ok(row, status=201)
+
+
+@_errors
+async def remove_rule(request: web.Request) -> web.Response:
+    _gd(request).remove_rule(request.match_info["name"])
+    return _ok({"removed": request.match_info["name"]})
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+
+@_errors
+async def list_reports(request: web.Request) -> web.Response:
+    reports = _gd(request).reports
+    return _ok({"reports": [
+        {"run": r["run"], "scenario": r["scenario"], "dry_run": r["dry_run"],
+         "started_at": r["started_at"], "ended_at": r["ended_at"], "ended": r["ended"],
+         "ended_because": r["ended_because"], "clients": r["totals"]["clients"]}
+        for r in reversed(list(reports.values()))]})
+
+
+@_errors
+async def show_report(request: web.Request) -> web.Response:
+    report = _gd(request).report(request.match_info["run"])
+    fmt = request.query.get("format", "json")
+    if fmt == "md":
+        return web.Response(text=to_markdown(report), content_type="text/markdown")
+    if fmt != "json":
+        raise ValueError("format is json or md")
+    return _ok(report)

@@ -1,0 +1,528 @@
+"""The runs manager: starts, stops, pauses and finishes runs in the engine,
+fires schedules, runs probes, writes reports.
+
+How it works: every operation reads the clock through `clock` (injected in
+tests) and drives the pure engine and scheduler with that `now`.  A
+background task calls `tick()` every TICK seconds: it collects the runs the
+engine ended (completed, max duration), starts scheduled runs that are due,
+records phase changes, and starts probe monitors.  Ending a run, whatever
+the cause, goes through `_finish`: stop it in the engine, release the
+queries held in a fault's delay (`release`, the forwarder's
+release_delayed), stop its probes, build and write its report, and forget it
+in the engine.  Every step is idempotent: a second stop is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from proxy.core.engine import ENDED, Engine
+from proxy.core.model import Rule, Scenario
+from proxy.core.schedule import Scheduler, format_time
+from proxy.errors import DnschaosError
+from proxy.gameday.catalog import Catalog, Changes
+from proxy.gameday.probes import Checker, ProbeMonitor, check
+from proxy.gameday.report import build_report, write_report
+
+log = logging.getLogger("dnschaos.gameday")
+
+TICK = 0.1
+KEEP_REPORTS = 100
+
+
+class NotFound(DnschaosError):
+    """No such scenario, run or rule."""
+
+
+class Conflict(DnschaosError):
+    """The request conflicts with the current state."""
+
+
+@dataclass
+class RunRecord:
+    id: str
+    scenario: Scenario
+    dry_run: bool
+    trigger: str
+    who: str | None
+    started_at: float
+    """When the run's first phase starts (wall time; in the future for `at`)."""
+    hard_end: float
+    max_duration: float
+    added_at: float
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    probes: ProbeMonitor | None = None
+    reason: str | None = None
+    detail: str = ""
+    ended_at: float | None = None
+    report: dict[str, Any] | None = None
+    phase_seen: int | None = None
+
+    def as_run(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "scenario": self.scenario.name, "dry_run": self.dry_run,
+            "trigger": self.trigger, "who": self.who, "started_at": self.started_at,
+            "ended_at": self.ended_at, "reason": self.reason, "detail": self.detail,
+            "timeline": self.timeline, "events": self.events,
+        }
+
+
+@dataclass
+class AdhocRecord:
+    name: str
+    rule: Rule
+    dry_run: bool
+    added_at: float
+    expires_at: float | None
+    who: str | None
+
+
+class GameDay:
+    def __init__(self, engine: Engine, *, max_run_duration: float = 4 * 3600.0,
+                 catalog: Catalog | None = None, report_dir: str | None = None,
+                 clock: Callable[[], float] = time.time,
+                 release: Callable[[], int] = lambda: 0,
+                 checker: Checker = check) -> None:
+        self.engine = engine
+        self.max_run_duration = max_run_duration
+        self.catalog = catalog or Catalog()
+        self.report_dir = report_dir
+        self.clock = clock
+        self.release = release
+        self.checker = checker
+        self.scheduler = Scheduler()
+        self.runs: dict[str, RunRecord] = {}
+        """Live runs (pending, running, paused)."""
+        self.rules: dict[str, AdhocRecord] = {}
+        self.reports: dict[str, dict[str, Any]] = {}
+        """Reports of ended runs, newest last (at most KEEP_REPORTS)."""
+        self._task: asyncio.Task | None = None
+        self._pending: set[asyncio.Task] = set()
+
+    # --- scenarios and schedules -----------------------------------------------------
+
+    def reload(self) -> Changes:
+        """Re-read the scenario directory and update the schedules."""
+        changes = self.catalog.reload()
+        self._sync_schedules()
+        return changes
+
+    def add_scenario(self, scenario: Scenario, file: str | None = None) -> None:
+        self.catalog.add(scenario, file)
+        self._sync_schedules()
+
+    def _sync_schedules(self) -> None:
+        now = self.clock()
+        wanted = {}
+        for name, entry in self.catalog.scenarios.items():
+            s = entry.scenario
+            if s.schedule and s.timezone:
+                wanted[name] = s
+        for name in list(self.scheduler.entries):
+            if name not in wanted:
+                self.scheduler.remove(name)
+                log.info("schedule of %s removed", name)
+        for name, s in wanted.items():
+            old = self.scheduler.entries.get(name)
+            if old is None or (old.cron, old.tz) != (s.schedule, s.timezone):
+                log.info("scenario %s scheduled %r (%s); next start %s", name, s.schedule,
+                         s.timezone, format_time(_next(s, now)))
+            self.scheduler.set(name, s.schedule, s.timezone, self.run_length(s), now)  # type: ignore[arg-type]
+
+    def run_length(self, scenario: Scenario, max_duration: float | None = None) -> float:
+        """The hard maximum duration of a run: the request's, else the scenario's
+        max_duration, else its total length; capped by max_run_duration."""
+        length = max_duration if max_duration is not None else (
+            scenario.max_duration if scenario.max_duration is not None
+            else scenario.total_duration)
+        return min(length, self.max_run_duration)
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def start(self, scenario: str | Scenario, *, at: float | None = None, dry_run: bool = False,
+              time_scale: float | None = None, max_duration: float | None = None,
+              trigger: str = "api", who: str | None = None) -> RunRecord:
+        """Start a run now (or at `at`, wall time).  Its phases follow the wall
+        clock from its start."""
+        now = self.clock()
+        if isinstance(scenario, str):
+            found = self.catalog.get(scenario)
+            if found is None:
+                raise NotFound(f"no scenario called {scenario!r}")
+            scenario = found
+        if time_scale is not None:
+            if not time_scale > 0:
+                raise ValueError("time_scale must be greater than 0")
+            scenario = scenario.model_copy(update={"time_scale": time_scale})
+        if max_duration is not None and not max_duration > 0:
+            raise ValueError("max_duration must be greater than 0")
+        start = now if at is None else at
+        length = self.run_length(scenario, max_duration)
+        if start + length <= now:
+            raise ValueError(f"a run starting at {format_time(start)} would already be over")
+        return self._add(scenario, start, length, dry_run=dry_run, trigger=trigger, who=who)
+
+    def _add(self, scenario: Scenario, start: float, length: float, *, dry_run: bool,
+             trigger: str, who: str | None) -> RunRecord:
+        now = self.clock()
+        run_id = self._new_id(scenario.name, start)
+        self.engine.add_run(run_id, scenario, start, now, dry_run=dry_run, max_duration=length)
+        record = RunRecord(run_id, scenario, dry_run, trigger, who, start, start + length,
+                           length, now)
+        self.runs[run_id] = record
+        self._event(record, now, "scheduled" if start > now else "started",
+                    f"{trigger}{' by ' + who if who else ''}; phases "
+                    f"{scenario.total_duration:.1f}s, limit {length:.1f}s"
+                    + ("; dry run" if dry_run else ""))
+        log.info("run %s of scenario %s %s%s: %d phases, %.1f s, hard limit %.1f s",
+                 run_id, scenario.name, "starts at " + str(format_time(start)) if start > now
+                 else "started", " (dry run)" if dry_run else "", len(scenario.phases),
+                 scenario.total_duration, length)
+        self._observe(record, now)
+        return record
+
+    def _new_id(self, name: str, start: float) -> str:
+        stamp = datetime.fromtimestamp(start, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        base = f"{name}-{stamp}"
+        run_id, n = base, 1
+        while run_id in self.runs or run_id in self.reports or self.engine.get_run(run_id):
+            n += 1
+            run_id = f"{base}-{n}"
+        return run_id
+
+    def resolve(self, ref: str) -> list[RunRecord]:
+        """A run id, or a scenario name (its live runs)."""
+        if ref in self.runs:
+            return [self.runs[ref]]
+        found = [r for r in self.runs.values() if r.scenario.name == ref]
+        if found:
+            return found
+        if ref in self.reports or self.catalog.get(ref) is not None:
+            return []  # known, but nothing live: stopping again is harmless
+        raise NotFound(f"no run or scenario called {ref!r}")
+
+    def stop(self, ref: str, *, reason: str = "stopped", detail: str = "") -> list[str]:
+        """Stop runs at once; the ids stopped ([] when already over: harmless)."""
+        stopped = []
+        for record in self.resolve(ref):
+            if self._finish(record, reason, detail):
+                stopped.append(record.id)
+        return stopped
+
+    def pause(self, ref: str) -> list[str]:
+        now = self.clock()
+        done = []
+        for record in self.resolve(ref):
+            if self.engine.pause(record.id, now):
+                self._event(record, now, "paused")
+                self.release()
+                done.append(record.id)
+        return done
+
+    def resume(self, ref: str) -> list[str]:
+        now = self.clock()
+        done = []
+        for record in self.resolve(ref):
+            if self.engine.resume(record.id, now):
+                self._event(record, now, "resumed")
+                done.append(record.id)
+        self.tick()
+        return done
+
+    def reset(self, *, detail: str = "reset: every fault healed") -> dict[str, list[str]]:
+        """Heal everything at once: every run stopped, every ad hoc rule removed."""
+        now = self.clock()
+        self.engine.reset(now, "reset")  # one step: the very next query sees no fault
+        stopped = [r.id for r in list(self.runs.values()) if self._finish(r, "reset", detail)]
+        rules = list(self.rules)
+        for name in rules:
+            self._remove_rule(name)
+        self.release()
+        return {"runs": stopped, "rules": rules}
+
+    async def abort(self, run_id: str, detail: str) -> None:
+        record = self.runs.get(run_id)
+        if record is not None:
+            self._finish(record, "aborted", detail)
+
+    # --- ad hoc rules -------------------------------------------------------------------
+
+    def add_rule(self, name: str, rule: Rule, *, duration: float | None, dry_run: bool = False,
+                 who: str | None = None) -> AdhocRecord:
+        """An ad hoc rule, first in line, for `duration` seconds (capped by
+        max_run_duration; None: the cap)."""
+        now = self.clock()
+        if not name or "/" in name:
+            raise ValueError("a rule needs a name without '/'")
+        if name in self.rules:
+            raise Conflict(f"a rule called {name!r} exists: remove it first")
+        length = min(duration if duration is not None else math.inf, self.max_run_duration)
+        if not length > 0:
+            raise ValueError("duration must be greater than 0")
+        rule = rule.model_copy(update={"name": name})
+        self.engine.add_rule(_rule_run(name), rule, now, now + length, dry_run=dry_run)
+        record = AdhocRecord(name, rule, dry_run, now, now + length, who)
+        self.rules[name] = record
+        log.info("ad hoc rule %s added for %.1f s%s", name, length,
+                 " (dry run)" if dry_run else "")
+        return record
+
+    def remove_rule(self, name: str) -> bool:
+        if name not in self.rules:
+            raise NotFound(f"no rule called {name!r}")
+        self._remove_rule(name)
+        self.release()
+        return True
+
+    def _remove_rule(self, name: str) -> None:
+        self.rules.pop(name, None)
+        self.engine.forget(_rule_run(name))
+        log.info("ad hoc rule %s removed", name)
+
+    def rule_rows(self) -> list[dict[str, Any]]:
+        self.tick()
+        stats = {(row["run"]): row for row in self.engine.stats()}
+        out = []
+        for record in self.rules.values():
+            row = stats.get(_rule_run(record.name), {})
+            out.append({
+                "name": record.name, "dry_run": record.dry_run,
+                "match": record.rule.match.model_dump(by_alias=True, exclude_none=True),
+                "fault": record.rule.fault.model_dump(by_alias=True, exclude_none=True),
+                "added_at": format_time(record.added_at),
+                "expires_at": format_time(record.expires_at),
+                "remaining": (None if record.expires_at is None
+                              else max(0.0, record.expires_at - self.clock())),
+                "matched": row.get("matched", 0), "injected": row.get("injected", 0),
+                "who": record.who,
+            })
+        return out
+
+    # --- the clock ------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        now = self.clock()
+        for run_id, reason in self.engine.tick(now):
+            record = self.runs.get(run_id)
+            if record is not None:
+                detail = (f"hard time limit of {record.max_duration:.1f}s reached"
+                          if reason == "max_duration" else "")
+                self._finish(record, reason, detail)
+            elif run_id.startswith("rule:") and run_id[5:] in self.rules:
+                log.info("ad hoc rule %s expired", run_id[5:])
+                self._remove_rule(run_id[5:])
+                self.release()
+        for name, start in self.scheduler.due(now):
+            scenario = self.catalog.get(name)
+            if scenario is None:
+                continue
+            if any(r.scenario.name == name and r.started_at == start for r in self.runs.values()):
+                continue
+            length = self.run_length(scenario)
+            joined = " (rejoining the schedule mid-run)" if now - start > 1.0 else ""
+            log.info("schedule of %s fires for %s%s", name, format_time(start), joined)
+            self._add(scenario, start, length, dry_run=False, trigger="schedule", who=None)
+        for record in list(self.runs.values()):
+            self._observe(record, now)
+
+    def _observe(self, record: RunRecord, now: float) -> None:
+        """Phase changes into the timeline and the log; probes once running."""
+        run = self.engine.get_run(record.id)
+        if run is None or run.ended is not None:
+            return
+        info = run.phase_info(now) if run.paused_at is None else None
+        index = info[0] if info else None
+        if index is not None and index != record.phase_seen:
+            phase = run.phases[index]
+            begin = max(record.added_at, phase.start + run.shift)
+            if record.timeline and record.timeline[-1].get("end") is None:
+                record.timeline[-1]["end"] = begin
+            record.timeline.append({"index": index, "phase": phase.name, "start": begin,
+                                    "end": None})
+            record.phase_seen = index
+            log.info("run %s: phase %d %r begins (%.1f s)", record.id, index + 1, phase.name,
+                     info[2])  # type: ignore[index]
+        if record.probes is None and record.scenario.probes and now >= record.started_at:
+            record.probes = ProbeMonitor(record.scenario.probes,
+                                         lambda why, rid=record.id: self._abort_soon(rid, why),
+                                         self.checker, self.clock)
+            try:
+                record.probes.start()
+            except RuntimeError:  # no event loop (unit tests driving tick by hand)
+                pass
+
+    def _abort_soon(self, run_id: str, why: str) -> None:
+        record = self.runs.get(run_id)
+        if record is not None:
+            self._finish(record, "aborted", why)
+
+    def _finish(self, record: RunRecord, reason: str, detail: str = "") -> bool:
+        """End a run for good: no fault from the very next query, held queries
+        released, report written.  False when it was already finished."""
+        if self.runs.get(record.id) is not record:
+            return False
+        now = self.clock()
+        self.engine.stop_run(record.id, now, reason)
+        run = self.engine.get_run(record.id)
+        del self.runs[record.id]
+        self.release()
+        ended_at = run.ended_at if run is not None and run.ended_at is not None else now
+        record.reason, record.detail, record.ended_at = reason, detail, ended_at
+        if record.timeline and record.timeline[-1].get("end") is None:
+            record.timeline[-1]["end"] = ended_at
+        self._event(record, ended_at, reason, detail)
+        if record.probes is not None:
+            monitor = record.probes
+            try:
+                task = asyncio.get_running_loop().create_task(monitor.stop())
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+            except RuntimeError:
+                pass
+        record.report = self._report(record)
+        self.engine.forget(record.id)
+        self.reports[record.id] = record.report
+        while len(self.reports) > KEEP_REPORTS:
+            del self.reports[next(iter(self.reports))]
+        log.info("run %s ended: %s%s; every fault of it reverted", record.id, reason,
+                 f" ({detail})" if detail else "")
+        if self.report_dir:
+            try:
+                paths = write_report(self.report_dir, record.report)
+                log.info("report of run %s written to %s", record.id,
+                         ", ".join(str(p) for p in paths))
+            except OSError as exc:
+                log.error("cannot write the report of run %s: %s", record.id, exc)
+        return True
+
+    def _report(self, record: RunRecord) -> dict[str, Any]:
+        return build_report(record.as_run(), self.engine.stats(record.id),
+                            self.engine.client_stats(record.id),
+                            record.probes.summary() if record.probes else [])
+
+    def report(self, run_id: str) -> dict[str, Any]:
+        """The report of an ended run, or the report so far of a live one."""
+        self.tick()  # a run the engine just ended is finished (and reported) first
+        if run_id in self.reports:
+            return self.reports[run_id]
+        record = self.runs.get(run_id)
+        if record is None:
+            raise NotFound(f"no run called {run_id!r}")
+        return self._report(record)
+
+    @staticmethod
+    def _event(record: RunRecord, now: float, event: str, detail: str = "") -> None:
+        record.events.append({"time": now, "event": event, "detail": detail})
+
+    # --- reading ------------------------------------------------------------------------
+
+    def run_rows(self) -> list[dict[str, Any]]:
+        self.tick()
+        now = self.clock()
+        info = {row["run"]: row for row in self.engine.runs_info(now)}
+        rows = []
+        for record in sorted(self.runs.values(), key=lambda r: (r.started_at, r.id)):
+            row = info.get(record.id, {})
+            rows.append(self._row(record, row.get("state", ENDED), row, now))
+        for run_id, report in reversed(self.reports.items()):
+            rows.append({
+                "run": run_id, "scenario": report["scenario"], "state": "ended",
+                "dry_run": report["dry_run"], "phase": None, "phase_index": None,
+                "remaining": None, "started_at": report["started_at"],
+                "ended_at": report["ended_at"], "ended": report["ended"],
+                "ended_because": report["ended_because"],
+            })
+        return rows
+
+    def _row(self, record: RunRecord, state: str, row: dict[str, Any],
+             now: float) -> dict[str, Any]:
+        return {
+            "run": record.id, "scenario": record.scenario.name, "state": state,
+            "dry_run": record.dry_run, "phase": row.get("phase"),
+            "phase_index": row.get("phase_index"), "remaining": row.get("remaining"),
+            "phases": len(record.scenario.phases), "trigger": record.trigger,
+            "started_at": format_time(record.started_at),
+            "hard_end": format_time(record.hard_end),
+            "time_left": max(0.0, record.hard_end - now),
+            "time_scale": record.scenario.time_scale,
+        }
+
+    def run_row(self, run_id: str) -> dict[str, Any]:
+        for row in self.run_rows():
+            if row["run"] == run_id:
+                if run_id in self.runs:
+                    record = self.runs[run_id]
+                    row["timeline"] = [
+                        {"phase": p["phase"], "index": p["index"],
+                         "started_at": format_time(p["start"]), "ended_at": format_time(p["end"])}
+                        for p in record.timeline]
+                    row["probes"] = record.probes.summary() if record.probes else []
+                    row["rules"] = self.engine.stats(run_id)
+                return row
+        raise NotFound(f"no run called {run_id!r}")
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "time": format_time(now),
+            "active": self.engine.active,
+            "runs": [r for r in self.run_rows() if r["state"] != "ended"],
+            "rules": self.rule_rows(),
+            "schedules": [
+                {"scenario": name, "schedule": e.cron, "timezone": e.tz,
+                 "next_start": format_time(self.scheduler.upcoming(name, now))}
+                for name, e in self.scheduler.entries.items()],
+            "scenario_errors": dict(self.catalog.errors),
+            "max_run_duration": self.max_run_duration,
+        }
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start_background(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="gameday tick")
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - keep ticking; one bad tick must not stop runs ending
+                log.exception("game day tick failed")
+            await asyncio.sleep(TICK)
+
+    async def close(self) -> None:
+        """Shutdown: stop the loop, end every run (reports written), stop probes."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        monitors = [r.probes for r in self.runs.values() if r.probes is not None]
+        for record in list(self.runs.values()):
+            self._finish(record, "shutdown", "the proxy stopped")
+        for name in list(self.rules):
+            self._remove_rule(name)
+        for monitor in monitors:
+            await monitor.stop()
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+
+def _rule_run(name: str) -> str:
+    return f"rule:{name}"
+
+
+def _next(scenario: Scenario, now: float) -> float | None:
+    from proxy.core.schedule import next_start
+
+    if scenario.schedule and scenario.timezone:
+        return next_start(scenario.schedule, scenario.timezone, now)
+    return None
