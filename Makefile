@@ -11,8 +11,8 @@ ARGS ?=
 
 # Debian packages the tests use: real upstreams (unbound, nsd), real
 # clients (dig), DNSSEC zone signing (ldns-utils).
-TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils
-TEST_BINS := unbound nsd dig ldns-signzone
+TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus
+TEST_BINS := unbound nsd dig ldns-signzone promtool prometheus
 BENCH_DEBS := nsd dnsperf dnsdist dnsmasq-base
 BENCH_BINS := nsd dnsperf dnsdist dnsmasq
 

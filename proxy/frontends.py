@@ -56,9 +56,15 @@ class TcpConnection(asyncio.Protocol):
         self.peer = transport.get_extra_info("peername")
         stats = self.forwarder.stats
         if len(self.connections) >= self.forwarder.settings.tcp_max_connections:
-            stats.tcp_rejected += 1
-            transport.close()
-            return
+            # At the cap, make room by closing the connection idle the longest,
+            # so that a pile of silent connections cannot lock clients out.
+            idle = [c for c in self.connections if c.outstanding <= 0]
+            if not idle:
+                stats.tcp_rejected += 1
+                transport.close()
+                return
+            min(idle, key=lambda c: c.last_active).close()
+            stats.tcp_evicted += 1
         stats.tcp_connections += 1
         self.connections.add(self)
         loop = asyncio.get_running_loop()
@@ -94,6 +100,7 @@ class TcpConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+        self.connections.discard(self)  # at once: connection_lost comes a loop turn later
 
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()

@@ -7,8 +7,9 @@ prometheus-client.  The registry is passed in, so each test gets its own.
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -20,6 +21,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.clients import ClientFaults, affected_counts
 from proxy.stats import Histogram
 
 # Query types given their own label value; a bounded set keeps the series few.
@@ -31,9 +33,18 @@ RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOT
                10: "NOTZONE"}
 
 
+ACTIVE_STATES = frozenset({"running", "active"})
+"""Run states in which a run's phase is in force (`dnschaos_active_phase`)."""
+
+
 class ForwarderCollector(Collector):
-    def __init__(self, forwarder: Any) -> None:
+    def __init__(self, forwarder: Any, clock: Callable[[], float] = time.time) -> None:
         self.forwarder = forwarder
+        self.clock = clock
+        settings = getattr(forwarder, "settings", None)
+        self.affected_window = float(getattr(settings, "affected_window", 60.0))
+        self.client_faults = ClientFaults(getattr(settings, "client_groups", None) or {},
+                                          int(getattr(settings, "client_label_cap", 50)))
 
     def collect(self) -> Iterator[Any]:
         fwd = self.forwarder
@@ -109,6 +120,12 @@ class ForwarderCollector(Collector):
                        s.tcp_connections)
         yield _counter("dnschaos_tcp_connections_rejected",
                        "Client TCP connections refused at the connection cap.", s.tcp_rejected)
+        closed = CounterMetricFamily(
+            "dnschaos_tcp_connections_closed", "Client TCP connections the proxy closed, by reason.",
+            labels=["reason"])
+        closed.add_metric(["idle"], s.tcp_idle_closed)
+        closed.add_metric(["evicted"], s.tcp_evicted)
+        yield closed
 
         per_upstream = {
             "timeouts": ("dnschaos_upstream_timeouts", "Attempts the upstream did not answer in time."),
@@ -144,24 +161,107 @@ class ForwarderCollector(Collector):
 
     def _engine_metrics(self) -> Iterator[Any]:
         engine = self.forwarder.engine
+        now = self.clock()
         labels = ["scenario", "phase", "rule", "fault"]
         matched = CounterMetricFamily(
             "dnschaos_rule_matches", "Queries a rule selected.", labels=labels)
         injected = CounterMetricFamily(
             "dnschaos_faults_injected", "Faults a rule injected.", labels=labels)
-        for row in engine.stats() if hasattr(engine, "stats") else []:
+        dry = CounterMetricFamily(
+            "dnschaos_dry_run_matches",
+            "Queries a dry-run rule selected (forwarded unchanged, nothing injected).",
+            labels=["scenario", "rule"])
+        dry_totals: dict[tuple[str, str], int] = {}
+        for row in _rows(engine, "stats"):
             key = [row["scenario"], row["phase"], row["rule"], row["fault"]]
+            if row.get("dry_run"):
+                pair = (row["scenario"], row["rule"])
+                dry_totals[pair] = dry_totals.get(pair, 0) + row["matched"]
+                continue
             matched.add_metric(key, row["matched"])
             injected.add_metric(key, row["injected"])
+        for (scenario, rule), count in sorted(dry_totals.items()):
+            dry.add_metric([scenario, rule], count)
         yield matched
         yield injected
+        yield dry
+        yield from self._client_metrics(engine, now)
+        yield from self._run_metrics(engine, now)
+
+    def _client_metrics(self, engine: Any, now: float) -> Iterator[Any]:
+        rows = _rows(engine, "client_stats")
+        window = self.affected_window
+        ever = GaugeMetricFamily(
+            "dnschaos_affected_clients",
+            "Distinct client addresses that received a rule's faults since its run started.",
+            labels=["scenario", "rule"])
+        recent = GaugeMetricFamily(
+            "dnschaos_affected_clients_recent",
+            f"Distinct client addresses that received a rule's faults in the last "
+            f"affected_window ({window:g} s).", labels=["scenario", "rule"])
+        for (scenario, rule), (total, last) in sorted(affected_counts(rows, now, window).items()):
+            ever.add_metric([scenario, rule], total)
+            recent.add_metric([scenario, rule], last)
+        yield ever
+        yield recent
+        dry = GaugeMetricFamily(
+            "dnschaos_dry_run_clients",
+            "Distinct client addresses a dry-run rule would have given a fault.",
+            labels=["scenario", "rule"])
+        for (scenario, rule), (total, _) in sorted(
+                affected_counts(rows, now, window, dry_run=True).items()):
+            dry.add_metric([scenario, rule], total)
+        yield dry
+        faults = CounterMetricFamily(
+            "dnschaos_client_faults",
+            "Faults received per client (group name from client_groups, else the address; "
+            "past client_label_cap: 'other').", labels=["client", "scenario", "fault"])
+        for key, count in sorted(self.client_faults.counts(rows).items()):
+            faults.add_metric(list(key), count)
+        yield faults
+
+    def _run_metrics(self, engine: Any, now: float) -> Iterator[Any]:
         active = GaugeMetricFamily(
-            "dnschaos_active_phase", "1 for the scenario phase now in force.",
+            "dnschaos_active_phase", "1 for the scenario phase now in force (dry runs excluded).",
             labels=["scenario", "phase"])
-        phase = engine.current_phase(time.time()) if hasattr(engine, "current_phase") else None
-        if phase is not None:
-            active.add_metric([engine.scenario or "", phase[1]], 1)
+        info = GaugeMetricFamily(
+            "dnschaos_run_info",
+            "1 per scenario run the engine knows, with its state and current phase.",
+            labels=["run", "scenario", "state", "phase", "dry_run"])
+        remaining = GaugeMetricFamily(
+            "dnschaos_run_phase_remaining_seconds",
+            "Seconds until the run's current phase ends.", labels=["run", "scenario"])
+        if callable(getattr(engine, "runs_info", None)):
+            seen: set[tuple[str, str]] = set()
+            for run in engine.runs_info(now):
+                run_id, scenario = str(run.get("run", "")), str(run.get("scenario") or "")
+                state, phase = str(run.get("state") or ""), str(run.get("phase") or "")
+                info.add_metric([run_id, scenario, state, phase,
+                                 "true" if run.get("dry_run") else "false"], 1)
+                left = run.get("remaining")
+                if left is not None and math.isfinite(float(left)):
+                    remaining.add_metric([run_id, scenario], float(left))
+                if (state in ACTIVE_STATES and phase and not run.get("dry_run")
+                        and (scenario, phase) not in seen):
+                    seen.add((scenario, phase))
+                    active.add_metric([scenario, phase], 1)
+        elif callable(getattr(engine, "current_phase", None)):
+            phase = engine.current_phase(now)
+            if phase is not None:
+                active.add_metric([engine.scenario or "", phase[1]], 1)
+                info.add_metric([engine.scenario or "", engine.scenario or "", "running", phase[1],
+                                 "false"], 1)
+                if math.isfinite(phase[2]):
+                    remaining.add_metric([engine.scenario or "", engine.scenario or ""], phase[2])
         yield active
+        yield info
+        yield remaining
+
+
+def _rows(engine: Any, method: str) -> list[dict[str, Any]]:
+    """engine.<method>() when the engine has it, else no rows."""
+    read = getattr(engine, method, None)
+    return list(read()) if callable(read) else []
 
 
 def _histogram(name: str, doc: str, labels: list[str],
@@ -180,7 +280,7 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
-def make_registry(forwarder: Any) -> CollectorRegistry:
+def make_registry(forwarder: Any, clock: Callable[[], float] = time.time) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ForwarderCollector(forwarder))
+    registry.register(ForwarderCollector(forwarder, clock))
     return registry

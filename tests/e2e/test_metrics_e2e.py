@@ -1,0 +1,154 @@
+"""/metrics of a real proxy (in front of the real unbound) while a short
+scenario runs: every metric in the README's table is there, faults are
+counted per rule, affected clients are counted right, clients a rule did
+not select are absent, and the client label cap and CIDR groups hold.
+
+Clients are told apart by their source address on the loopback network
+(127.0.0.2, 127.0.0.3, ...), which Linux routes to lo as a whole /8."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import dns.rcode
+import pytest
+
+from support import zone
+from support.dnsutil import make_query, udp
+from support.net import wait_until
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCENARIO = """\
+name: metrics-e2e
+phases:
+  - name: outage
+    duration: 60s
+    rules:
+      - name: www-nxdomain
+        match: {name: www.example.test, clients: [127.0.0.2/32, 127.0.0.3/32]}
+        fault: nxdomain
+      - name: mx-servfail
+        match: {name: example.test, qtype: MX}
+        fault: servfail
+"""
+
+
+
+def readme_metrics() -> dict[str, str]:
+    """{metric name: type} from the README's Metrics table."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    return {m.group(1): m.group(2) for m in
+            re.finditer(r"^\| `(dnschaos_\w+)` \| (\w+) \|", section, re.MULTILINE)}
+
+
+def add_dry_run_rule(proxy) -> bool:
+    """A dry-run ad hoc rule over the admin API: SERVFAIL for www, for everyone."""
+    request = urllib.request.Request(
+        proxy.admin_url + "/api/rules", method="POST",
+        headers={"Content-Type": "application/json"},
+        data=json.dumps({"name": "dry-www", "match": {"name": "www.example.test"},
+                         "fault": "servfail", "dry_run": True}).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status == 201
+    except urllib.error.HTTPError as err:
+        raise AssertionError(f"POST /api/rules: {err.code} {err.read().decode()}") from None
+
+
+def ask(proxy, client: str, name: str = zone.WWW, rdtype: str = "A"):
+    return udp(make_query(name, rdtype), proxy.host, proxy.port, source=client)
+
+
+@pytest.fixture
+def scenario_file(tmp_path: Path) -> Path:
+    path = tmp_path / "metrics-e2e.yaml"
+    path.write_text(SCENARIO)
+    return path
+
+
+def test_every_readme_metric_is_served_with_the_right_values(start_proxy, scenario_file) -> None:
+    proxy = start_proxy("--scenario", str(scenario_file), config={
+        "client_groups": {"127.0.0.3/32": "payments", "127.0.0.96/27": "batch"},
+        "client_label_cap": 3,
+        "affected_window": "2s",
+    })
+    assert add_dry_run_rule(proxy)
+    # 127.0.0.2 and .3 are selected for www (NXDOMAIN); .4 is not and gets the real answer.
+    for _ in range(3):
+        assert ask(proxy, "127.0.0.2").rcode() == dns.rcode.NXDOMAIN
+    for _ in range(2):
+        assert ask(proxy, "127.0.0.3").rcode() == dns.rcode.NXDOMAIN
+    real = ask(proxy, "127.0.0.4")
+    assert real.rcode() == dns.rcode.NOERROR and real.answer
+    # MX SERVFAIL for anyone; first seen in this order, 10 ms apart, so with a cap of 3
+    # labels (127.0.0.2 and payments already have two) .5 gets the last one and the
+    # batch group (.100, .101) and .6 go to 'other'.
+    for client in ("127.0.0.5", "127.0.0.100", "127.0.0.6", "127.0.0.101"):
+        assert ask(proxy, client, zone.ORIGIN, "MX").rcode() == dns.rcode.SERVFAIL
+        time.sleep(0.01)
+    assert ask(proxy, "127.0.0.4", zone.MX_TARGET, "A").rcode() == dns.rcode.NOERROR
+
+    m = proxy.metrics()
+    names = {name for name, _ in m}
+    text = proxy.metrics_text()
+    missing = []
+    for metric, kind in readme_metrics().items():
+        if metric in names or f"{metric}_bucket" in names:
+            continue
+        missing.append(f"{metric} ({kind})")
+    assert not missing, f"in the README table but not on /metrics: {missing}"
+
+    def get(name: str, **labels: str) -> float | None:
+        return m.get((name, frozenset(labels.items())))
+
+    rule = {"scenario": "metrics-e2e", "phase": "outage"}
+    assert get("dnschaos_faults_injected_total", **rule, rule="www-nxdomain",
+               fault="nxdomain") == 5
+    assert get("dnschaos_faults_injected_total", **rule, rule="mx-servfail",
+               fault="servfail") == 4
+    assert get("dnschaos_rule_matches_total", **rule, rule="www-nxdomain", fault="nxdomain") == 5
+    assert get("dnschaos_affected_clients", scenario="metrics-e2e", rule="www-nxdomain") == 2
+    assert get("dnschaos_affected_clients", scenario="metrics-e2e", rule="mx-servfail") == 4
+    assert get("dnschaos_affected_clients_recent", scenario="metrics-e2e",
+               rule="www-nxdomain") == 2
+    assert get("dnschaos_active_phase", scenario="metrics-e2e", phase="outage") == 1
+    assert get("dnschaos_build_info", version=__import__("proxy").__version__) == 1
+
+    client_faults = {(dict(k)["client"], dict(k)["fault"]): v for (n, k), v in m.items()
+                     if n == "dnschaos_client_faults_total"}
+    assert client_faults == {
+        ("127.0.0.2", "nxdomain"): 3,
+        ("payments", "nxdomain"): 2,
+        ("127.0.0.5", "servfail"): 1,
+        ("other", "servfail"): 3,
+    }
+    # The dry-run rule saw www from .2, .3 and .4 and changed nothing (.4 got its answer).
+    assert proxy.metric("dnschaos_dry_run_matches_total", rule="dry-www") == 6
+    assert proxy.metric("dnschaos_dry_run_clients", rule="dry-www") == 3
+    # The client no rule selected is nowhere in the client metrics.
+    assert "127.0.0.4" not in text
+
+    # The recent window (2 s here) empties while the run-long count stays.
+    wait_until(lambda: proxy.metric("dnschaos_affected_clients_recent",
+                                    rule="www-nxdomain") == 0, timeout=5,
+               what="the recent window to empty")
+    assert proxy.metric("dnschaos_affected_clients", rule="www-nxdomain") == 2
+
+
+def test_no_scenario_no_client_series(start_proxy) -> None:
+    """Before any run there are no client series at all; queries pass."""
+    proxy = start_proxy()
+    assert ask(proxy, "127.0.0.2").rcode() == dns.rcode.NOERROR
+    m = proxy.metrics()
+    assert not [k for k in m if k[0] in ("dnschaos_client_faults_total",
+                                        "dnschaos_affected_clients",
+                                        "dnschaos_active_phase")]
