@@ -60,6 +60,7 @@ from typing import Any
 from proxy.core.faults import Fault, PhaseState, Stale, build_fault
 from proxy.core.model import Limit, Rule, Scenario
 from proxy.core.query import QueryView
+from proxy.core.rule_index import RuleIndex
 from proxy.core.selectors import Selector
 from proxy.core.stale import StaleStore
 from proxy.core.verdict import Forward, Verdict
@@ -160,6 +161,8 @@ class CompiledPhase:
     rules: tuple[CompiledRule, ...]
     state: PhaseState
     takes_snapshot: bool
+    rule_index: RuleIndex = field(default_factory=lambda: RuleIndex(()))
+    """Finds the rules worth trying for a query name."""
     record: tuple[Selector, ...] = ()
     """Names whose answers are recorded during this phase..."""
     unrecorded: tuple[Selector, ...] = ()
@@ -480,7 +483,7 @@ class Engine:
         takes_snapshot = any(isinstance(f, Stale) and f.snapshot
                              for rule in compiled for f in rule.fault.walk())
         return CompiledPhase(index, name, start, end, tuple(compiled), PhaseState(start),
-                             takes_snapshot)
+                             takes_snapshot, RuleIndex(compiled))
 
     # --- run state ----------------------------------------------------------------------
 
@@ -537,7 +540,7 @@ class Engine:
                     continue
                 if winner is None and phase.rules:
                     progress = phase.progress(t)
-                    for rule in phase.rules:
+                    for rule in phase.rule_index.candidates(q.qname):
                         if rule.selector.matches(q, progress, rng) and (
                             rule.limiter is None or rule.limiter.allows(t)
                         ):
@@ -585,7 +588,7 @@ class Engine:
                  rng: Random) -> None:
         """A dry run: count what its first matching rule would have done."""
         progress = phase.progress(t)
-        for rule in phase.rules:
+        for rule in phase.rule_index.candidates(q.qname):
             if rule.selector.matches(q, progress, rng) and (
                 rule.limiter is None or rule.limiter.allows(t)
             ):

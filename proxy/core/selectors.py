@@ -87,6 +87,8 @@ class Selector:
         "_seen_every",
         "_seen_first",
         "_text",
+        "names",
+        "zones",
     )
 
     def __init__(self, match: Match, *, sampling: bool = True) -> None:
@@ -106,6 +108,10 @@ class Selector:
         self._seen_every = 0
         self._seen_first = 0
         self._text = _describe(match)
+        # The top-level name keys, which every selected query must satisfy:
+        # the rule index files rules under them.
+        self.names = frozenset(normalize_name(n) for n in match.name) if match.name else None
+        self.zones = frozenset(normalize_name(s) for s in match.suffix) if match.suffix else None
 
     def matches(self, q: QueryView, progress: float = 0.0, rng: Random | None = None) -> bool:
         """Does this query match?  `progress` (0..1) is how far the phase has

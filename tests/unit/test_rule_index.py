@@ -1,0 +1,102 @@
+"""The rule index: same winner as trying every rule in order, fewer tries."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from proxy.core.model import Match
+from proxy.core.rule_index import RuleIndex
+from proxy.core.selectors import Selector
+
+
+@dataclass
+class R:
+    label: str
+    selector: Selector
+
+
+def rules(*matches: dict) -> list[R]:
+    return [R(str(i), Selector(Match.model_validate(m))) for i, m in enumerate(matches)]
+
+
+def labels(found) -> list[str]:
+    return [r.label for r in found]
+
+
+def test_name_and_zone_rules_are_found_in_file_order_with_the_always_rules():
+    index = RuleIndex(rules(
+        {"suffix": "example.com"},        # 0
+        {"qtype": "AAAA"},                # 1: no name key, tried for every query
+        {"name": "www.example.com"},      # 2
+        {"suffix": ["other.org", "com"]},  # 3
+        {"glob": "*.example.com"},        # 4: glob is not indexed
+    ))
+    assert labels(index.candidates("www.example.com")) == ["0", "1", "2", "3", "4"]
+    assert labels(index.candidates("api.example.com")) == ["0", "1", "3", "4"]
+    assert labels(index.candidates("x.other.org")) == ["1", "3", "4"]
+    assert labels(index.candidates("example.net")) == ["1", "4"]
+
+
+def test_zones_match_on_label_boundaries_only():
+    index = RuleIndex(rules({"suffix": "example.com"}))
+    assert labels(index.candidates("example.com")) == ["0"]
+    assert labels(index.candidates("a.b.example.com")) == ["0"]
+    assert labels(index.candidates("xexample.com")) == []
+    assert labels(index.candidates("example.com.evil")) == []
+
+
+def test_a_rule_with_name_and_suffix_is_filed_under_its_names():
+    index = RuleIndex(rules({"name": "a.example.com", "suffix": "example.com"}))
+    assert labels(index.candidates("a.example.com")) == ["0"]
+    assert labels(index.candidates("b.example.com")) == []
+
+
+def test_a_root_suffix_selects_everything_and_is_not_indexed():
+    index = RuleIndex(rules({"suffix": "."}, {"name": "x.test"}))
+    assert labels(index.candidates("anything.test")) == ["0"]
+    assert labels(index.candidates("x.test")) == ["0", "1"]
+
+
+def test_without_name_keys_every_rule_is_a_candidate():
+    every = rules({"qtype": "A"}, {"transport": "tcp"})
+    assert labels(RuleIndex(every).candidates("x.test")) == ["0", "1"]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_index_never_changes_which_rules_can_match(seed):
+    """Against a plain scan: every rule that could match by name is a candidate."""
+    rng = random.Random(seed)
+    zones = ["a.test", "b.a.test", "c.test", "test"]
+    names = [f"h{i}.{rng.choice(zones)}" for i in range(40)]
+    specs = []
+    for _ in range(60):
+        kind = rng.choice(["name", "suffix", "qtype"])
+        if kind == "name":
+            specs.append({"name": rng.sample(names, 2)})
+        elif kind == "suffix":
+            specs.append({"suffix": rng.choice(zones)})
+        else:
+            specs.append({"qtype": "A"})
+    compiled = rules(*specs)
+    index = RuleIndex(compiled)
+    for qname in names + ["other.example", "a.test", "xa.test"]:
+        expected = []
+        for rule, spec in zip(compiled, specs):
+            if "name" in spec:
+                ok = qname in spec["name"]
+            elif "suffix" in spec:
+                ok = qname == spec["suffix"] or qname.endswith("." + spec["suffix"])
+            else:
+                ok = True
+            if ok:
+                expected.append(rule.label)
+        assert labels(index.candidates(qname)) == expected, qname
+
+
+def test_ten_thousand_name_rules_give_one_candidate():
+    index = RuleIndex(rules(*({"name": f"h{i}.bench.test"} for i in range(10_000))))
+    assert labels(index.candidates("h9999.bench.test")) == ["9999"]
+    assert labels(index.candidates("nothing.bench.test")) == []
