@@ -275,6 +275,40 @@ def write_zone(d: Path) -> tuple[Path, Path]:
     return zone, qfile
 
 
+def rule_names(count: int, faulted_every: int) -> tuple[list[str], list[str]]:
+    """Names for `count` one-name NXDOMAIN rules: every `faulted_every`-th zone
+    name (those queries get NXDOMAIN), then names nobody asks for (rules that
+    only cost matching time).  Returns (faulted, unused)."""
+    faulted = [f"h{i}.{ZONE}" for i in range(5, N_NAMES, faulted_every)][:count] \
+        if faulted_every else []
+    unused = [f"unused{i}.{ZONE}" for i in range(count - len(faulted))]
+    return faulted, unused
+
+
+def write_rules(cd: Path, name: str, args: argparse.Namespace) -> list[str]:
+    """Contestant config for the same rules: a scenario for dnschaos, Lua
+    rules for dnsdist, address= lines for dnsmasq.  Returns extra arguments."""
+    faulted, unused = rule_names(args.rules, args.faulted_every)
+    names = faulted + unused
+    if name == "dnschaos":
+        lines = ["name: bench-rules", "phases:", "  - name: faulted", "    duration: 24h",
+                 "    rules:"]
+        for i, qname in enumerate(names):
+            lines.append(f"      - {{name: r{i}, match: {{name: '{qname}'}}, fault: nxdomain}}")
+        path = cd / "rules.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        return ["--scenario", str(path)]
+    if name == "dnsdist":
+        # NegativeAndSOAAction answers NXDOMAIN with an SOA, as dnschaos does.
+        return [f"addAction(QNameRule('{qname}'), NegativeAndSOAAction(true, '{ZONE}', 60, "
+                f"'ns.{ZONE}', 'hostmaster.{ZONE}', 1, 3600, 600, 86400, 60))" for qname in names]
+    if name == "dnsmasq":
+        path = cd / "rules.conf"
+        path.write_text("".join(f"address=/{qname.rstrip('.')}/\n" for qname in names))
+        return [f"--conf-file={path}"]
+    return []
+
+
 def start_nsd(procs: Procs, bins: dict, d: Path, zone: Path, port: int, cpu: int | None) -> None:
     nd = d / "nsd"
     nd.mkdir()
@@ -332,6 +366,7 @@ def start_contestant(name: str, procs: Procs, bins: dict, d: Path, upstream: int
     cd.mkdir()
     lf = cd / "output.log"
     ready_timeout = 20.0
+    extra = write_rules(cd, name, args) if args.rules else []
     if name == "dnsdist":
         conf = cd / "dnsdist.conf"
         # no newPacketCache -> no caching; no controlSocket -> no console;
@@ -340,7 +375,7 @@ def start_contestant(name: str, procs: Procs, bins: dict, d: Path, upstream: int
 addACL('127.0.0.0/8')
 setSecurityPollSuffix('')
 newServer{{address='127.0.0.1:{upstream}', name='nsd', checkName='h0.{ZONE}', checkType='A', checkInterval=1}}
-""")
+""" + "".join(line + "\n" for line in extra))
         chk = subprocess.run([bins["dnsdist"], "--check-config", "-C", str(conf)],
                              capture_output=True, text=True, timeout=30)
         if chk.returncode != 0:
@@ -351,7 +386,7 @@ newServer{{address='127.0.0.1:{upstream}', name='nsd', checkName='h0.{ZONE}', ch
                "--cache-size=0", "--no-resolv", "--no-hosts", "--no-poll",
                f"--server=127.0.0.1#{upstream}", f"--port={port}",
                "--listen-address=127.0.0.1", "--bind-interfaces", "--pid-file=",
-               f"--dns-forward-max={args.dnsmasq_forward_max}", "--log-facility=-"]
+               f"--dns-forward-max={args.dnsmasq_forward_max}", "--log-facility=-", *extra]
     elif name == "dnschaos":
         base = dnschaos_command()
         if base is None:
@@ -364,7 +399,7 @@ newServer{{address='127.0.0.1:{upstream}', name='nsd', checkName='h0.{ZONE}', ch
             if "--workers" not in helptext:
                 raise RuntimeError("--workers given but 'dnschaos run --help' has no --workers flag")
             cmd += ["--workers", str(args.workers)]
-        cmd += shlex.split(args.proxy_args or "")
+        cmd += extra + shlex.split(args.proxy_args or "")
         ready_timeout = 40.0
     else:
         raise ValueError(name)
@@ -497,6 +532,11 @@ def main() -> int:
     ap.add_argument("--dnsmasq-forward-max", type=int, default=1000,
                     help="dnsmasq --dns-forward-max (its default 150 would cap in-flight queries)")
     ap.add_argument("--no-pin", action="store_true", help="don't pin with taskset")
+    ap.add_argument("--rules", type=int, default=0,
+                    help="load N one-name NXDOMAIN rules into every contestant (default 0)")
+    ap.add_argument("--faulted-every", type=int, default=10,
+                    help="with --rules: every Kth zone name is faulted (default 10: a tenth; "
+                         "0: rules on names nobody asks for, to measure matching cost)")
     ap.add_argument("--output", default=str(RESULTS_DIR / "latest.json"))
     args = ap.parse_args()
 
@@ -563,7 +603,9 @@ def main() -> int:
                 if proc is not None and proc.poll() is not None:
                     res["error"] = f"{name} exited during the run (rc {proc.returncode})"
                 res["loadavg_after"] = os.getloadavg()
-                bad_rc = {k: v for r in (closed, fixed) for k, v in r["rcodes"].items() if k != "NOERROR"}
+                expected = {"NOERROR", "NXDOMAIN"} if args.rules and args.faulted_every else {"NOERROR"}
+                bad_rc = {k: v for r in (closed, fixed) for k, v in r["rcodes"].items()
+                          if k not in expected}
                 if bad_rc:
                     res["warning"] = f"non-NOERROR responses: {bad_rc}"
                     log(f"{name}: WARNING {res['warning']}")
@@ -622,6 +664,7 @@ def finish(results, args, machine, versions, names, pin, interrupted=False) -> N
             "dnsmasq_forward_max": args.dnsmasq_forward_max,
             "pinning": "dnsperf on CPU 0; contestant + nsd on CPU 1" if pin else "none",
             "contestants": names, "names_in_zone": N_NAMES, "aaaa_queries": N_AAAA,
+            "rules": args.rules, "faulted_every": args.faulted_every,
         },
         "results": results,
     }
@@ -630,6 +673,10 @@ def finish(results, args, machine, versions, names, pin, interrupted=False) -> N
     out.write_text(json.dumps(jsonable(doc), indent=2) + "\n")
 
     print(f"\n## dnschaos benchmark — {machine['nproc']} CPU(s), {machine['cpu_model']}\n")
+    if args.rules:
+        faulted, _ = rule_names(args.rules, args.faulted_every)
+        print(f"rules: {args.rules} one-name NXDOMAIN rules, {len(faulted)} of the "
+              f"{N_NAMES} queried names faulted\n")
     print(f"closed loop: dnsperf -c {args.clients} -q {args.outstanding}, {args.duration:g}s; "
           f"latency: -Q {args.rate}, {args.duration:g}s; "
           f"{'dnsperf on CPU 0, server+nsd on CPU 1' if pin else 'unpinned'}\n")

@@ -538,9 +538,10 @@ class Engine:
                     if phase.rules:
                         self._observe(phase, q, t, now, rng)
                     continue
-                if winner is None and phase.rules:
+                candidates = phase.rule_index.candidates(q.qname) if winner is None else ()
+                if candidates:
                     progress = phase.progress(t)
-                    for rule in phase.rule_index.candidates(q.qname):
+                    for rule in candidates:
                         if rule.selector.matches(q, progress, rng) and (
                             rule.limiter is None or rule.limiter.allows(t)
                         ):

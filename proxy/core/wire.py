@@ -74,22 +74,33 @@ def qname_text(data: bytes, qend: int) -> str:
     escaped as in zone files (\\DDD, \\.), so two different names never map
     to the same text.
     """
+    stop = qend - 5
+    if stop <= HEADER_LEN:
+        return ""
+    # Fast path: overwrite the length bytes after the first with dots and
+    # decode once.  It holds when every byte is plain and the only dots are
+    # the ones put there (no dot inside a label).
+    name = bytearray(data[HEADER_LEN + 1:stop])
+    pos = HEADER_LEN + 1 + data[HEADER_LEN]
+    dots = 0
+    while pos < stop:
+        name[pos - HEADER_LEN - 1] = 46  # "."
+        dots += 1
+        pos += data[pos] + 1
+    if not name.translate(None, _PLAIN_OR_DOT) and name.count(46) == dots:
+        return name.decode("ascii").lower()
     labels = []
     pos = HEADER_LEN
-    stop = qend - 5
     while pos < stop:
         length = data[pos]
-        raw = data[pos + 1 : pos + 1 + length]
-        if raw.translate(None, _PLAIN):
-            labels.append(_escape(raw))
-        else:
-            labels.append(raw.decode("ascii"))
+        labels.append(_escape(data[pos + 1 : pos + 1 + length]))
         pos += length + 1
     return ".".join(labels).lower()
 
 
 # Bytes that stand for themselves in a name's text form.
 _PLAIN = bytes(b for b in range(33, 127) if b not in b".\\")
+_PLAIN_OR_DOT = _PLAIN + b"."
 
 
 def _escape(raw: bytes) -> str:
