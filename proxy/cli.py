@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--audit-log", metavar="FILE", help="JSON lines of every API mutation")
     run.add_argument("--report-dir", metavar="DIR", help="where run reports are written")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--workers", type=int, metavar="N",
+                     help="processes answering DNS on the same port (SO_REUSEPORT; default 1)")
     run.add_argument("--no-uvloop", dest="uvloop", action="store_const", const=False,
                      help="use the standard asyncio event loop")
 
@@ -79,7 +81,7 @@ def load_settings(args: argparse.Namespace) -> Settings:
         values = load_model(text, str(path), Settings).model_dump(exclude_unset=True)
     for key in ("listen", "upstreams", "admin", "allow", "policy", "timeout", "deadline",
                 "log_level", "uvloop", "scenario_dir", "max_run_duration", "audit_log",
-                "report_dir"):
+                "report_dir", "workers"):
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value

@@ -119,6 +119,10 @@ class Settings(Base):
     """Distinct `client` label values at most; later clients are counted under 'other'."""
     affected_window: PositiveDuration = 60.0
     """Seconds a client counts in dnschaos_affected_clients_recent after a rule last hit it."""
+    workers: Annotated[int, Field(ge=1, le=256)] = 1
+    """Processes answering DNS on the same addresses (SO_REUSEPORT); with more than
+    one, the main process only runs the admin API and the game day and sends every
+    change of faults to each worker (proxy/workers.py)."""
 
     @field_validator("listen")
     @classmethod

@@ -48,6 +48,9 @@ class ForwarderCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         fwd = self.forwarder
+        snapshot = getattr(fwd, "metrics_snapshot", None)
+        if callable(snapshot):  # worker processes (proxy/workers.py): their counters, summed
+            fwd = snapshot()
         s = fwd.stats
         info = InfoMetricFamily("dnschaos_build", "Version of dnschaos.")
         info.add_metric([], {"version": __version__})
@@ -151,16 +154,15 @@ class ForwarderCollector(Collector):
             "dnschaos_upstream_request_duration_seconds",
             "Time from sending an attempt to the upstream to its valid reply.", ["upstream"],
             [([u.name], u.stats.latency) for u in fwd.upstreams])
-        yield from self._engine_metrics()
+        yield from self._engine_metrics(fwd.engine)
         up = GaugeMetricFamily("dnschaos_upstream_up",
                                "1 when the upstream is considered healthy.", labels=["upstream"])
         for upstream in fwd.upstreams:
             up.add_metric([upstream.name], 1 if upstream.up else 0)
         yield up
+        yield from _worker_metrics(fwd, s)
 
-
-    def _engine_metrics(self) -> Iterator[Any]:
-        engine = self.forwarder.engine
+    def _engine_metrics(self, engine: Any) -> Iterator[Any]:
         now = self.clock()
         labels = ["scenario", "phase", "rule", "fault"]
         matched = CounterMetricFamily(
@@ -256,6 +258,24 @@ class ForwarderCollector(Collector):
         yield active
         yield info
         yield remaining
+
+
+def _worker_metrics(fwd: Any, s: Any) -> Iterator[Any]:
+    """Per worker process; a single process is worker "0"."""
+    workers = getattr(fwd, "workers", None)
+    if workers is None:
+        workers = [{"worker": "0", "queries": s.queries_udp + s.queries_tcp, "restarts": 0}]
+    queries = CounterMetricFamily(
+        "dnschaos_worker_queries", "Queries received from clients, per worker process.",
+        labels=["worker"])
+    restarts = CounterMetricFamily(
+        "dnschaos_worker_restarts", "Times a worker process died and was started again.",
+        labels=["worker"])
+    for row in workers:
+        queries.add_metric([row["worker"]], row["queries"])
+        restarts.add_metric([row["worker"]], row["restarts"])
+    yield queries
+    yield restarts
 
 
 def _rows(engine: Any, method: str) -> list[dict[str, Any]]:

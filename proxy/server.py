@@ -41,8 +41,19 @@ class Server:
         from proxy.gameday.runs import GameDay
 
         self.settings = settings
+        self.pool: Any = None
+        """With `workers` > 1: the worker processes (proxy/workers.py), which
+        serve DNS; this process then runs only the admin API and the game day,
+        and its engine and forwarder stand for the workers'."""
+        if settings.workers > 1:
+            from proxy.workers import FanoutEngine, PoolForwarder, WorkerPool
+
+            self.pool = WorkerPool(settings, settings.workers)
+            engine = FanoutEngine(engine, self.pool)
+            self.forwarder: Any = PoolForwarder(settings, self.pool, engine)
+        else:
+            self.forwarder = Forwarder(settings, engine)
         self.engine = engine
-        self.forwarder = Forwarder(settings, self.engine)
         self.audit = AuditLog(settings.audit_log)
         self.gameday = GameDay(engine, max_run_duration=settings.max_run_duration,
                                catalog=Catalog(settings.scenario_dir),
@@ -65,6 +76,28 @@ class Server:
 
     async def start(self) -> None:
         self.settings.check_admin_token()
+        if self.pool is not None:
+            await self.pool.start()
+            self.listen_addresses = list(self.pool.listen)
+        else:
+            await self._start_listeners()
+        try:
+            await self._start_admin()
+        except BaseException:
+            if self.pool is not None:
+                self.pool.kill_all()
+            raise
+        self._watch_phases()
+        self._start_gameday()
+        log.info(
+            "dnschaos listening on %s (UDP and TCP%s), forwarding to %s (%s), admin on %s",
+            ", ".join(self.listen_addresses),
+            f", {self.settings.workers} worker processes" if self.pool is not None else "",
+            ", ".join(self.settings.upstreams),
+            self.settings.policy, self.admin_address or "nothing (off)",
+        )
+
+    async def _start_listeners(self) -> None:
         loop = asyncio.get_running_loop()
         await self.forwarder.start()
         for text in self.settings.listen:
@@ -87,6 +120,8 @@ class Server:
             self._udp_frontends.append(frontend)
             self._tcp.append(tcp)
             self.listen_addresses.append(listener)
+
+    async def _start_admin(self) -> None:
         if self.settings.admin:
             host, port = split_hostport(self.settings.admin, 5380)
             self._admin = web.AppRunner(make_app(self), access_log=None)
@@ -95,13 +130,6 @@ class Server:
             await site.start()
             bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
             self.admin_address = format_hostport(host, bound[1])
-        self._watch_phases()
-        self._start_gameday()
-        log.info(
-            "dnschaos listening on %s (UDP and TCP), forwarding to %s (%s), admin on %s",
-            ", ".join(self.listen_addresses), ", ".join(self.settings.upstreams),
-            self.settings.policy, self.admin_address or "nothing (off)",
-        )
 
     def _start_gameday(self) -> None:
         gameday = self.gameday
@@ -147,6 +175,8 @@ class Server:
         if self._phase_watch is not None:
             self._phase_watch.cancel()
         await self.stop_gameday()
+        if self.pool is not None:
+            await self.pool.shutdown(self.settings.deadline + 2.2)
         for udp in self._udp:
             udp.close()
         for tcp in self._tcp:
@@ -155,7 +185,8 @@ class Server:
             connection.close()
         if self._admin:
             await self._admin.cleanup()
-        await self.forwarder.stop()
+        if self.pool is None:
+            await self.forwarder.stop()
         self._stopped.set()
 
     async def stop_gameday(self) -> None:
@@ -192,7 +223,12 @@ class Server:
 
     async def drain(self, limit: float | None = None) -> None:
         """Stop listening for new queries and wait (up to the query deadline)
-        for the ones in flight to be answered."""
+        for the ones in flight to be answered.  Worker processes do it
+        themselves, then exit; they are waited for."""
+        if self.pool is not None:
+            limit = limit if limit is not None else self.settings.deadline + 0.2
+            await self.pool.shutdown(limit + 2.0)
+            return
         for frontend in self._udp_frontends:
             frontend.handle = _ignore  # keep the socket: answers in flight still go out
         for tcp in self._tcp:

@@ -1,0 +1,178 @@
+"""`--workers 2`: two processes answer on one port (SO_REUSEPORT), every
+admin change reaches both, /metrics sums them, a killed worker comes back
+with the active rules, and no worker outlives the main process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import dns.rcode
+import pytest
+
+from support import zone
+from support.dnsutil import make_query, udp
+from support.net import wait_until
+
+from .gameday_helpers import api
+
+pytestmark = pytest.mark.e2e
+NX, OK = dns.rcode.NXDOMAIN, dns.rcode.NOERROR
+QUERIES = 120  # each from a fresh socket, so a fresh source port
+
+
+def worker_pids(main_pid: int) -> set[int]:
+    """Live (not zombie) children of `main_pid` running proxy.workers."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == main_pid and fields[0] != "Z" and b"proxy.workers" in cmdline:
+            out.add(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def port_holders(port: int, proto: str) -> set[int]:
+    """PIDs with a listening socket on `port` (ss -l, udp or tcp)."""
+    text = subprocess.run(["ss", "-lnpH", f"--{proto}", f"sport = :{port}"],
+                          capture_output=True, text=True, check=True).stdout
+    return {int(part.split("=")[1].split(",")[0])
+            for part in text.replace(")", ",").split("pid")[1:]}
+
+
+def ask_many(proxy, n: int = QUERIES) -> list[int]:
+    return [udp(make_query(zone.WWW, "A"), proxy.host, proxy.port, timeout=2).rcode()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def proxy(start_module_proxy):
+    proxy = start_module_proxy("--workers", "2")
+    wait_until(lambda: len(worker_pids(proxy.pid)) == 2, timeout=5, what="two workers")
+    return proxy
+
+
+def test_two_workers_hold_the_port(proxy):
+    pids = worker_pids(proxy.pid)
+    assert len(pids) == 2 and proxy.pid not in pids
+    if shutil.which("ss"):
+        assert port_holders(proxy.port, "udp") == pids
+        assert port_holders(proxy.port, "tcp") == pids
+    log = proxy.stderr_text()
+    for pid in pids:
+        assert f"(pid {pid}), listening on {proxy.hostport}" in log
+
+
+def test_queries_spread_over_workers_and_metrics_add_up(proxy):
+    before = proxy.metric("dnschaos_queries_total")
+    per_worker = {w: proxy.metric("dnschaos_worker_queries_total", worker=w) for w in "01"}
+    assert ask_many(proxy) == [OK] * QUERIES
+    assert proxy.metric("dnschaos_queries_total") - before == QUERIES
+    assert proxy.metric("dnschaos_queries_total", transport="udp") >= QUERIES
+    got = {w: proxy.metric("dnschaos_worker_queries_total", worker=w) - per_worker[w]
+           for w in "01"}
+    assert sum(got.values()) == QUERIES
+    assert all(count > 0 for count in got.values()), got  # SO_REUSEPORT spread them
+    assert proxy.metric("dnschaos_upstream_replies_total") >= QUERIES
+    assert proxy.metric("dnschaos_request_duration_seconds_count") >= QUERIES
+    assert proxy.metric("dnschaos_query_types_total", qtype="A") >= QUERIES
+    assert proxy.health()[0] == 200
+
+
+def test_rule_reaches_every_worker_and_reset_reverts_them(proxy):
+    body = {"name": "www-nx", "match": {"name": zone.WWW}, "fault": "nxdomain"}
+    status, row = api(proxy, "POST", "/api/rules", body, token=None)
+    assert status == 201, row
+    assert ask_many(proxy) == [NX] * QUERIES  # whichever worker got each one
+    labels = {"scenario": "adhoc", "rule": "www-nx", "fault": "nxdomain"}
+    assert proxy.metric("dnschaos_faults_injected_total", **labels) == QUERIES
+    assert proxy.metric("dnschaos_rule_matches_total", **labels) == QUERIES
+    assert proxy.metric("dnschaos_client_faults_total", client="127.0.0.1") == QUERIES
+    assert proxy.metric("dnschaos_affected_clients", rule="www-nx") == 1
+    (rule,) = api(proxy, "GET", "/api/rules")[1]["rules"]
+    assert (rule["matched"], rule["injected"]) == (QUERIES, QUERIES)
+    assert api(proxy, "POST", "/api/reset", {}, token=None)[0] == 200
+    assert ask_many(proxy) == [OK] * QUERIES
+
+
+def test_removing_a_delay_rule_releases_held_queries_in_every_worker(proxy):
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"name": "www-slow", "match": {"name": zone.WWW},
+            "fault": {"type": "delay", "delay": "20s"}}
+    assert api(proxy, "POST", "/api/rules", body, token=None)[0] == 201
+    with ThreadPoolExecutor(8) as pool:
+        start = time.monotonic()
+        held = [pool.submit(lambda: udp(make_query(zone.WWW, "A"), proxy.host, proxy.port,
+                                        timeout=10).rcode()) for _ in range(8)]
+        wait_until(lambda: proxy.metric("dnschaos_rule_matches_total", rule="www-slow") == 8,
+                   timeout=5, what="8 queries held")
+        assert not any(f.done() for f in held)
+        assert api(proxy, "DELETE", "/api/rules/www-slow", token=None)[0] == 200
+        assert [f.result() for f in held] == [OK] * 8  # forwarded at once, unfaulted
+        assert time.monotonic() - start < 5
+
+
+def test_a_killed_worker_comes_back_with_the_active_rule(proxy):
+    body = {"name": "www-nx2", "match": {"name": zone.WWW}, "fault": "nxdomain"}
+    assert api(proxy, "POST", "/api/rules", body, token=None)[0] == 201
+    old = worker_pids(proxy.pid)
+    victim = min(old)
+    os.kill(victim, signal.SIGKILL)
+    new = wait_until(lambda: (lambda p: p if len(p) == 2 and victim not in p else None)(
+        worker_pids(proxy.pid)), timeout=5, what="a new worker")
+    wait_until(lambda: proxy.metric("dnschaos_worker_restarts_total") == 1
+               and "restarted (pid" in proxy.stderr_text(), timeout=10, what="restart logged")
+    log = proxy.stderr_text()
+    assert f"(pid {victim}) exited with status -9; restarting it" in log
+    if shutil.which("ss"):
+        wait_until(lambda: port_holders(proxy.port, "udp") == new, timeout=5,
+                   what="the new worker listening")
+    assert ask_many(proxy) == [NX] * QUERIES  # the new worker has the rule too
+    assert api(proxy, "POST", "/api/reset", {}, token=None)[0] == 200
+    assert ask_many(proxy, 40) == [OK] * 40
+
+
+def test_sigterm_stops_every_worker(start_proxy):
+    proxy = start_proxy("--workers", "2")
+    pids = wait_until(lambda: (lambda p: p if len(p) == 2 else None)(worker_pids(proxy.pid)),
+                      timeout=5, what="two workers")
+    assert udp(make_query(zone.WWW, "A"), proxy.host, proxy.port).rcode() == OK
+    assert proxy.stop(timeout=10) == 0
+    wait_until(lambda: not any(alive(pid) for pid in pids), timeout=5, what="workers gone")
+    log = proxy.stderr_text()
+    for pid in pids:
+        assert f"(pid {pid}) stopped (status 0)" in log
+
+
+def test_workers_exit_when_the_main_process_is_killed(start_proxy):
+    proxy = start_proxy("--workers", "2")
+    pids = wait_until(lambda: (lambda p: p if len(p) == 2 else None)(worker_pids(proxy.pid)),
+                      timeout=5, what="two workers")
+    os.kill(proxy.pid, signal.SIGKILL)
+    proxy.proc.wait(5)
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.05)
+    leftover = [pid for pid in pids if alive(pid)]
+    for pid in leftover:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftover, "workers outlived the main process"

@@ -1,0 +1,261 @@
+"""proxy/workers.py without processes: the fan-out engine keeps a replica
+engine in step (and can rebuild one from its replay log), counts from
+several workers merge, forwarder counters sum, messages frame."""
+
+from __future__ import annotations
+
+import pickle
+import random
+import socket
+from types import SimpleNamespace
+
+from proxy.config import Settings
+from proxy.core.engine import Engine
+from proxy.core.model import Rule, Scenario
+from proxy.core.query import QueryView
+from proxy.stats import Stats
+from proxy.workers import (
+    Channel,
+    FanoutEngine,
+    combine_forwarder,
+    forwarder_snapshot,
+    frame,
+    merge_clients,
+    merge_stats,
+    sum_stats,
+    sum_upstreams,
+    unframe,
+    wait_replies,
+)
+
+NOW = 1_800_000_000.0
+SCENARIO = Scenario.model_validate({"name": "s", "phases": [
+    {"name": "one", "duration": "10s",
+     "rules": [{"name": "www", "match": {"name": "www.example.test"}, "fault": "nxdomain"}]},
+    {"name": "two", "duration": "10s",
+     "rules": [{"name": "www2", "match": {"name": "www.example.test"}, "fault": "servfail"}]},
+]})
+RULE = Rule.model_validate({"name": "r", "match": {"suffix": "db.test"}, "fault": "refused"})
+
+
+class FakePool:
+    """Applies every call to replica engines at once, like ready workers."""
+
+    def __init__(self, *replicas: Engine) -> None:
+        self.replicas = list(replicas)
+        self.retired = SimpleNamespace(stats=[], clients=[], forwarder=[])
+        self.calls: list[str] = []
+        self.replay = list
+
+    def call(self, method, args, kwargs, wait=True):
+        self.calls.append(method)
+        for engine in self.replicas:
+            # what goes over the pipe is a pickle: the replica gets copies
+            getattr(engine, method)(*pickle.loads(pickle.dumps(args)),
+                                    **pickle.loads(pickle.dumps(kwargs)))
+
+    def gather(self, parts, run=None):
+        return {i: {"stats": e.stats(run), "clients": e.client_stats(run)}
+                for i, e in enumerate(self.replicas)}
+
+
+def query(name: str, client: str = "127.0.0.1") -> QueryView:
+    import dns.message
+
+    return QueryView.parse(dns.message.make_query(name, "A").to_wire(), client, "udp", "l")
+
+
+def verdicts(engine: Engine, name: str, now: float) -> object:
+    v = engine.on_query(query(name), now, random.Random(1))
+    return None if v is None else type(v).__name__ + (v.wire[3] & 15).__str__()
+
+
+def test_models_and_settings_pickle() -> None:
+    assert pickle.loads(pickle.dumps(SCENARIO)) == SCENARIO
+    assert pickle.loads(pickle.dumps(RULE)) == RULE
+    settings = Settings(upstreams=["127.0.0.1:53"], workers=4,
+                        client_groups={"10.0.0.0/8": "x"})
+    assert pickle.loads(pickle.dumps(settings)) == settings
+
+
+def test_every_mutation_reaches_the_replicas_in_step() -> None:
+    replica = Engine()
+    fan = FanoutEngine(Engine(), FakePool(replica))
+    fan.add_run("run1", SCENARIO, NOW, NOW, max_duration=100)
+    fan.add_rule("rule:r", RULE, NOW, NOW + 50)
+    assert fan.active and replica.active
+    for t, want in ((NOW + 1, "Reply3"), (NOW + 12, "Reply2")):
+        assert verdicts(replica, "www.example.test", t) == want
+        assert verdicts(replica, "x.db.test", t) == "Reply5"
+    fan.pause("run1", NOW + 13)
+    assert replica.get_run("run1").paused_at == NOW + 13
+    fan.resume("run1", NOW + 15)
+    assert replica.get_run("run1").shift == fan.local.get_run("run1").shift == 2
+    assert fan.tick(NOW + 20) == []
+    assert replica.active
+    assert sorted(fan.tick(NOW + 60)) == [("rule:r", "expired"), ("run1", "completed")]
+    assert replica.get_run("rule:r").ended == "expired" and not replica.active
+    fan.forget("rule:r")
+    assert replica.get_run("rule:r") is None
+    fan.add_rule("rule:q", RULE, NOW + 61)
+    assert replica.active
+    assert fan.reset(NOW + 70) == ["rule:q"]
+    assert not replica.active and replica.get_run("rule:q").ended == "reset"
+    assert fan.pool.calls == ["add_run", "add_rule", "pause", "resume", "tick", "tick", "forget",
+                              "add_rule", "reset"]
+
+
+def test_a_failed_local_call_is_not_sent() -> None:
+    pool = FakePool(Engine())
+    fan = FanoutEngine(Engine(), pool)
+    fan.add_rule("rule:r", RULE, NOW)
+    try:
+        fan.add_rule("rule:r", RULE, NOW)
+    except ValueError:
+        pass
+    assert pool.calls == ["add_rule"]
+
+
+def test_replay_rebuilds_the_state_of_a_new_worker() -> None:
+    fan = FanoutEngine(Engine(), FakePool())
+    fan.add_run("gone", SCENARIO, NOW, NOW)
+    fan.add_run("run1", SCENARIO, NOW, NOW)
+    fan.add_rule("rule:r", RULE, NOW)
+    fan.pause("run1", NOW + 2)
+    fan.resume("run1", NOW + 5)
+    fan.stop_run("gone", NOW + 6)
+    fan.forget("gone")
+    fan.add_run("paused", SCENARIO, NOW, NOW)
+    fan.pause("paused", NOW + 1)
+    fresh = Engine()
+    for method, args, kwargs in pickle.loads(pickle.dumps(fan.replay_calls())):
+        getattr(fresh, method)(*args, **kwargs)
+    assert fresh.run_ids() == fan.local.run_ids() == ["rule:r", "run1", "paused"]
+    assert fresh.runs_info(NOW + 8) == fan.local.runs_info(NOW + 8)
+    assert fresh.get_run("run1").shift == 3
+    for t in (NOW + 8, NOW + 14, NOW + 30):
+        for name in ("www.example.test", "x.db.test", "other.test"):
+            assert verdicts(fresh, name, t) == verdicts(fan.local, name, t)
+    fan.reset(NOW + 9)
+    fresh = Engine()
+    for method, args, kwargs in fan.replay_calls():
+        getattr(fresh, method)(*args, **kwargs)
+    fresh.tick(NOW + 30)  # the local engine saw run1 complete at a query at NOW + 30
+    assert not fresh.active
+    assert {r["run"]: r["state"] for r in fresh.runs_info(NOW + 30)} == {
+        r["run"]: r["state"] for r in fan.local.runs_info(NOW + 30)}
+    fan.clear()
+    assert fan.replay_calls() == []
+
+
+def test_stats_and_clients_merge_over_workers() -> None:
+    workers = [Engine(), Engine()]
+    fan = FanoutEngine(Engine(), FakePool(*workers))
+    fan.add_run("run1", SCENARIO, NOW, NOW)
+    rng = random.Random(1)
+    for i in range(3):
+        workers[0].on_query(query("www.example.test", "10.0.0.1"), NOW + 1 + i, rng)
+    workers[1].on_query(query("www.example.test", "10.0.0.1"), NOW + 0.5, rng)
+    workers[1].on_query(query("www.example.test", "10.0.0.2"), NOW + 2, rng)
+    workers[1].on_query(query("www.example.test", "10.0.0.2"), NOW + 12, rng)  # phase two
+    rows = {(r["phase"], r["rule"]): r for r in fan.stats()}
+    assert (rows[("one", "www")]["matched"], rows[("one", "www")]["injected"]) == (5, 5)
+    assert rows[("two", "www2")]["injected"] == 1
+    assert [r["rule"] for r in fan.stats("run1")] == ["www", "www2"]
+    clients = {(r["rule"], r["client"]): r for r in fan.client_stats()}
+    one = clients[("www", "10.0.0.1")]
+    assert one["faults"] == {"nxdomain": 4} and one["names"] == {"www.example.test": 4}
+    assert (one["first_seen"], one["last_seen"]) == (NOW + 0.5, NOW + 3)
+    assert clients[("www2", "10.0.0.2")]["faults"] == {"servfail": 1}
+    assert len(clients) == 3
+    # Rows of runs the main process no longer holds are left out.
+    fan.forget("run1")
+    assert fan.stats() == [] and fan.client_stats() == []
+
+
+def test_merge_ignores_unknown_runs_and_keeps_local_rows() -> None:
+    local = [{"run": "a", "rule": "x", "matched": 0, "injected": 0, "errors": 0}]
+    worker = [{"run": "b", "rule": "x", "matched": 5, "injected": 5, "errors": 0},
+              {"run": "a", "rule": "x", "matched": 2, "injected": 1, "errors": 1}]
+    assert merge_stats(local, [worker, worker]) == [
+        {"run": "a", "rule": "x", "matched": 4, "injected": 2, "errors": 2}]
+    assert local[0]["matched"] == 0  # not modified
+    assert merge_clients(None, []) == []
+
+
+def test_forwarder_counters_sum() -> None:
+    settings = Settings(upstreams=["127.0.0.1:53", "127.0.0.2:53"])
+
+    def fake(queries: int, up: bool) -> SimpleNamespace:
+        from proxy.forwarder import Upstream
+
+        stats = Stats()
+        stats.queries_udp, stats.queries_tcp, stats.answers = queries, 1, queries
+        stats.qtypes[1] = queries
+        stats.qtypes[28] = 2
+        stats.rcodes[0] = queries
+        stats.latency.observe(0.002)
+        ups = [Upstream("127.0.0.1", 53, "127.0.0.1:53"), Upstream("127.0.0.2", 53, "127.0.0.2:53")]
+        ups[0].stats.requests, ups[0].stats.timeouts = queries, 1
+        ups[0].stats.latency.observe(0.001)
+        ups[1].down_until = 0.0 if up else 5.0
+        return SimpleNamespace(stats=stats, upstreams=ups, inflight=2)
+
+    snaps = [pickle.loads(pickle.dumps(forwarder_snapshot(fake(n, up))))
+             for n, up in ((3, False), (4, True))]
+    total = sum_stats(snaps)
+    assert (total.queries_udp, total.queries_tcp, total.answers) == (7, 2, 7)
+    assert total.qtypes[1] == 7 and total.qtypes[28] == 4 and total.rcodes[0] == 7
+    assert sum(total.latency.counts) == 2 and abs(total.latency.total - 0.004) < 1e-9
+    combined = combine_forwarder(snaps)
+    again = sum_stats([combined])
+    assert (again.queries_udp, again.qtypes[1], again.rcodes[0]) == (7, 7, 7)
+    assert again.latency.counts == total.latency.counts
+    assert [u["sent"] for u in combined["upstreams"]] == [7, 0]
+    ups = sum_upstreams(settings, snaps[1:], snaps[:1])  # the first worker died
+    assert [u.name for u in ups] == ["127.0.0.1:53", "127.0.0.2:53"]
+    assert ups[0].sent() == 7 and ups[0].stats.timeouts == 2
+    assert sum(ups[0].stats.latency.counts) == 2
+    assert ups[1].up  # the live worker sees it up
+    assert not sum_upstreams(settings, snaps[:1], [])[1].up
+
+
+def test_the_collector_reads_a_snapshot() -> None:
+    from prometheus_client import generate_latest
+
+    from proxy.metrics import make_registry
+    from proxy.workers import Aggregate, AggregateUpstream, _MergedEngine
+
+    stats = Stats()
+    stats.queries_udp = 9
+    engine = _MergedEngine(Engine(), [], [])
+    aggregate = Aggregate(stats, [AggregateUpstream("u:53")], 0, engine, Settings(),
+                          [{"worker": "0", "queries": 4, "restarts": 0},
+                           {"worker": "1", "queries": 5, "restarts": 2}])
+    registry = make_registry(SimpleNamespace(metrics_snapshot=lambda: aggregate))
+    text = generate_latest(registry).decode()
+    assert 'dnschaos_queries_total{transport="udp"} 9.0' in text
+    assert 'dnschaos_worker_queries_total{worker="1"} 5.0' in text
+    assert 'dnschaos_worker_restarts_total{worker="1"} 2.0' in text
+    assert 'dnschaos_upstream_up{upstream="u:53"} 0.0' in text
+
+
+def test_frames_and_channel_replies() -> None:
+    buffer = bytearray(frame(("a", 1)) + frame(("b", [2])) + frame(("c", 3))[:5])
+    assert unframe(buffer) == [("a", 1), ("b", [2])]
+    assert len(buffer) == 5
+    ours, theirs = socket.socketpair()
+    chan = Channel(ours)
+    try:
+        chan.awaiting.update({1, 2})
+        theirs.sendall(frame(("reply", 1, True, "x")) + frame(("reply", 99, True, "late"))
+                       + frame(("ready", {})))
+        got = wait_replies([(chan, 1), (chan, 2)], 0.2)
+        assert got == {1: (True, "x")}  # 2 never came: timed out, not blocked
+        assert chan.events == [("ready", {})] and chan.replies == {} and not chan.awaiting
+        theirs.close()
+        chan.pump()
+        assert chan.closed
+    finally:
+        chan.close()
+        theirs.close()
