@@ -161,12 +161,12 @@ class CompiledPhase:
     rules: tuple[CompiledRule, ...]
     state: PhaseState
     takes_snapshot: bool
-    rule_index: RuleIndex = field(default_factory=lambda: RuleIndex(()))
-    """Finds the rules worth trying for a query name."""
     record: tuple[Selector, ...] = ()
     """Names whose answers are recorded during this phase..."""
     unrecorded: tuple[Selector, ...] = ()
     """...except these (the `source: last` rules active now)."""
+    rule_index: RuleIndex = field(default_factory=lambda: RuleIndex(()))
+    """Finds the rules worth trying for a query name."""
 
     def progress(self, now: float) -> float:
         if math.isinf(self.end) or self.end <= self.start:
@@ -207,6 +207,9 @@ class Run:
     current: CompiledPhase | None = None
     reported: bool = False
     """Whether tick() has returned it as ended."""
+    rng: Random | None = None
+    """The run's own generator, seeded from the scenario's `seed`, so the
+    same scenario and queries give the same choices; None: the caller's."""
 
     @property
     def live(self) -> bool:
@@ -293,8 +296,10 @@ class Engine:
             phases.append((phase.name, start, started_at + offset * scenario.time_scale,
                            phase.rules))
         hard_end = math.inf if max_duration is None else started_at + max_duration
-        return self._install(run_id, scenario.name, phases, now, started_at=started_at,
-                             dry_run=dry_run, hard_end=hard_end, adhoc=False)
+        run = self._install(run_id, scenario.name, phases, now, started_at=started_at,
+                            dry_run=dry_run, hard_end=hard_end, adhoc=False)
+        run.rng = Random(scenario.seed)
+        return run
 
     def add_rule(self, run_id: str, rule: Rule, now: float, expires_at: float | None = None, *,
                  dry_run: bool = False) -> Run:
@@ -483,7 +488,7 @@ class Engine:
         takes_snapshot = any(isinstance(f, Stale) and f.snapshot
                              for rule in compiled for f in rule.fault.walk())
         return CompiledPhase(index, name, start, end, tuple(compiled), PhaseState(start),
-                             takes_snapshot, RuleIndex(compiled))
+                             takes_snapshot, rule_index=RuleIndex(compiled))
 
     # --- run state ----------------------------------------------------------------------
 
@@ -534,21 +539,22 @@ class Engine:
                     self._check(run, now)
                     changed = True
                     continue
+                draw = run.rng or rng
                 if run.dry_run:
                     if phase.rules:
-                        self._observe(phase, q, t, now, rng)
+                        self._observe(phase, q, t, now, draw)
                     continue
                 candidates = phase.rule_index.candidates(q.qname) if winner is None else ()
                 if candidates:
                     progress = phase.progress(t)
                     for rule in candidates:
-                        if rule.selector.matches(q, progress, rng) and (
+                        if rule.selector.matches(q, progress, draw) and (
                             rule.limiter is None or rule.limiter.allows(t)
                         ):
                             winner, winner_run, winner_state = rule, run, phase.state
                             break
                     if winner is not None:
-                        verdict = self._apply(winner, q, t, now, rng, phase.state)
+                        verdict = self._apply(winner, q, t, now, draw, phase.state)
                 if phase.record:
                     if any(s.matches(q) for s in phase.record):
                         record = True
@@ -635,7 +641,8 @@ class Engine:
             return wire  # stopped (or paused) since the query went out: no fault any more
         try:
             t = now - run.shift if run is not None else now
-            return job.fault.respond(q, wire, t, rng, job.phase or PhaseState())
+            draw = (run.rng if run is not None else None) or rng
+            return job.fault.respond(q, wire, t, draw, job.phase or PhaseState())
         except Exception:  # noqa: BLE001 - fail open, whatever the bug
             if job.rule is not None:
                 job.rule.counters.errors += 1

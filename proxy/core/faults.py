@@ -551,6 +551,11 @@ def parse_records(lines: list[str], ttl: int) -> list[RR]:
             raise ValueError(f"invalid record {line!r}: {exc}") from None
         if not parsed:
             raise ValueError(f"invalid record {line!r}")
+        if any(_ORIGIN in str(rr.rdata) for rr in parsed):
+            # Only owners may be relative to the query name; a relative name in
+            # the data would go out as the internal placeholder.
+            raise ValueError(f"invalid record {line!r}: names in record data must be "
+                             "absolute (end with a dot)")
         records += parsed
     return records
 

@@ -80,7 +80,8 @@ class PhaseSpan:
         return self.start + guard <= t < self.end - guard
 
 
-def phase_bounds(path: Path | str, started: float, time_scale: float | None = None) -> list[PhaseSpan]:
+def phase_bounds(path: Path | str, started: float,
+                 time_scale: float | None = None) -> list[PhaseSpan]:
     """The wall-clock span of every phase of the scenario file at `path`,
     computed from the file (as the proxy's loader reads it) and `time_scale`
     (default: the file's own)."""

@@ -100,3 +100,55 @@ def test_ten_thousand_name_rules_give_one_candidate():
     index = RuleIndex(rules(*({"name": f"h{i}.bench.test"} for i in range(10_000))))
     assert labels(index.candidates("h9999.bench.test")) == ["9999"]
     assert labels(index.candidates("nothing.bench.test")) == []
+
+
+# --- through the engine ---------------------------------------------------------------
+
+from random import Random  # noqa: E402
+
+from dnslib import DNSRecord  # noqa: E402
+
+from proxy.core.engine import Engine  # noqa: E402
+from proxy.core.model import Scenario  # noqa: E402
+from proxy.core.query import QueryView  # noqa: E402
+from proxy.core.verdict import Forward, Reply  # noqa: E402
+
+
+def view(name: str) -> QueryView:
+    return QueryView.parse(bytes(DNSRecord.question(name).pack()), "127.0.0.1", "udp")
+
+
+def scenario(**extra) -> Scenario:
+    return Scenario.model_validate({"name": "s", "phases": [{"name": "p", "duration": "1h", "rules": [
+        {"match": {"name": f"h{i}.test"}, "fault": "nxdomain"} for i in range(0, 1000, 10)
+    ] + [{"match": {"suffix": "stale.test"}, "fault": {"type": "stale"}}]}], **extra})
+
+
+def test_the_engine_finds_the_indexed_rule_and_passes_the_others():
+    engine = Engine()
+    engine.load(scenario(), started_at=100.0, now=100.0)
+    assert isinstance(engine.on_query(view("h990.test"), 101.0, Random(1)), Reply)
+    assert engine.on_query(view("h991.test"), 101.0, Random(1)) is None
+    assert engine.errors == 0
+
+
+def test_before_the_first_phase_stale_names_are_recorded_without_errors():
+    engine = Engine()
+    engine.load(scenario(), started_at=200.0, now=100.0)  # the phase starts later
+    verdict = engine.on_query(view("a.stale.test"), 101.0, Random(1))
+    assert isinstance(verdict, Forward) and verdict.respond is not None
+    assert engine.on_query(view("h10.test"), 101.0, Random(1)) is None  # not yet
+    assert engine.errors == 0
+
+
+def test_the_scenario_seed_makes_choices_reproducible():
+    def choices(seed: int) -> list[bool]:
+        engine = Engine()
+        engine.add_run("r", Scenario.model_validate({"name": "s", "seed": seed, "phases": [
+            {"name": "p", "duration": "1h", "rules": [
+                {"match": {"probability": 0.5}, "fault": "servfail"}]}]}), 0.0, 0.0)
+        rng = Random()  # the caller's generator: not used by a seeded run
+        return [engine.on_query(view(f"q{i}.test"), 1.0, rng) is not None for i in range(64)]
+
+    assert choices(42) == choices(42)
+    assert choices(42) != choices(43)
