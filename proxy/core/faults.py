@@ -178,31 +178,19 @@ class Span:
     end: int
 
 
-def _skip_name(data: bytes, pos: int) -> int:
-    while True:
-        length = data[pos]
-        if length == 0:
-            return pos + 1
-        if length & 0xC0 == 0xC0:
-            return pos + 2
-        if length & 0xC0:
-            raise ValueError("invalid label type")
-        pos += length + 1
-
-
 def layout(data: bytes) -> tuple[int, list[Span]]:
     """The end of the question section and the span of every record.
     Raises ValueError (or IndexError / struct.error) on a malformed message."""
     qdcount, *counts = struct.unpack_from("!HHHH", data, 4)
     pos = wire.HEADER_LEN
     for _ in range(qdcount):
-        pos = _skip_name(data, pos) + 4
+        pos = wire.skip_name(data, pos) + 4
     qend = pos
     spans = []
     for section, count in enumerate(counts):
         for _ in range(count):
             start = pos
-            pos = _skip_name(data, pos)
+            pos = wire.skip_name(data, pos)
             rtype, _rclass, _ttl, rdlen = struct.unpack_from("!HHIH", data, pos)
             spans.append(Span(section, start, pos, rtype, pos + 10 + rdlen))
             pos += 10 + rdlen

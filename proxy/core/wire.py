@@ -137,25 +137,29 @@ def find_opt(data: bytes, qend: int) -> bytes | None:
     try:
         for index in range(sum(counts)):
             start = pos
-            pos = _skip_name(data, pos)
+            pos = skip_name(data, pos)
             rtype, _rclass, _ttl, rdlen = struct.unpack_from("!HHIH", data, pos)
             pos += 10 + rdlen
             if pos > len(data):
                 return None
             if rtype == OPT and index >= counts[0] + counts[1]:
                 return data[start:pos]
-    except (IndexError, struct.error):
+    except (IndexError, ValueError, struct.error):
         return None
     return None
 
 
-def _skip_name(data: bytes, pos: int) -> int:
+def skip_name(data: bytes, pos: int) -> int:
+    """The offset just past the (possibly compressed) name at `pos`.
+    IndexError when it runs past the end, ValueError on reserved label types."""
     while True:
         length = data[pos]
         if length == 0:
             return pos + 1
         if length & 0xC0 == 0xC0:
             return pos + 2
+        if length & 0xC0:
+            raise ValueError("invalid label type")
         pos += length + 1
 
 
