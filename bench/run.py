@@ -436,6 +436,18 @@ def dnsperf(bins: dict, port: int, qfile: Path, duration: float, cpu: int | None
     return parse_dnsperf_summary(text), stdout_file
 
 
+def cpu_seconds(proc: subprocess.Popen | None) -> float | None:
+    """User + system CPU seconds of a process and its threads (/proc/PID/stat)."""
+    if proc is None:
+        return None
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+
+
 def parse_dnsperf_summary(text: str) -> dict:
     def num(pat: str, cast=float):
         m = re.search(pat, text)
@@ -594,7 +606,12 @@ def main() -> int:
                     f"latency run at {args.rate} q/s")
                 time.sleep(0.5)
                 vfile = tmp / f"{name}.verbose.txt"
+                cpu_before = cpu_seconds(proc)
                 fixed, _ = dnsperf(bins, port, qfile, args.duration, gen_cpu, lat_extra, vfile)
+                cpu_after = cpu_seconds(proc)
+                if cpu_before is not None and cpu_after is not None and fixed.get("completed"):
+                    # CPU the contestant used per answered query, at the fixed rate.
+                    fixed["cpu_us_per_query"] = (cpu_after - cpu_before) / fixed["completed"] * 1e6
                 fixed.update(percentiles_from_verbose(vfile, [50, 99, 99.9]))
                 vfile.unlink()
                 res["fixed_rate"] = fixed
@@ -650,6 +667,7 @@ def finish(results, args, machine, versions, names, pin, interrupted=False) -> N
             if f and base_p99 and f["p99_ms"] is not None and not math.isinf(f["p99_ms"]) else None,
             "rate_achieved_qps": f["qps"] if f else None,
             "rate_lost_pct": f["lost_pct"] if f else None,
+            "cpu_us_per_query": f.get("cpu_us_per_query") if f else None,
         }
     machine["loadavg_end"] = os.getloadavg()
     doc = {
@@ -681,17 +699,17 @@ def finish(results, args, machine, versions, names, pin, interrupted=False) -> N
           f"latency: -Q {args.rate}, {args.duration:g}s; "
           f"{'dnsperf on CPU 0, server+nsd on CPU 1' if pin else 'unpinned'}\n")
     print("| contestant | QPS | × dnsdist | lost % | p50 ms | p99 ms | p99 × dnsdist "
-          f"| QPS @{args.rate} | lost % @{args.rate} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"| QPS @{args.rate} | lost % @{args.rate} | CPU µs/query @{args.rate} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         s = r.get("summary", {})
         if "error" in r and not r.get("closed_loop"):
-            print(f"| {r['contestant']} | error |" + " — |" * 7)
+            print(f"| {r['contestant']} | error |" + " — |" * 8)
             continue
         print(f"| {r['contestant']} | {fmt(s['qps'])} | {fmt(s['qps_ratio_to_dnsdist'], 2)} "
               f"| {fmt(s['lost_pct'], 2)} | {fmt(s['p50_ms'], 3)} | {fmt(s['p99_ms'], 3)} "
               f"| {fmt(s['p99_ratio_to_dnsdist'], 2)} | {fmt(s['rate_achieved_qps'])} "
-              f"| {fmt(s['rate_lost_pct'], 2)} |")
+              f"| {fmt(s['rate_lost_pct'], 2)} | {fmt(s['cpu_us_per_query'], 1)} |")
     for r in results:
         if "error" in r:
             print(f"\n**{r['contestant']} error:**\n```\n{r['error'][-1500:]}\n```")

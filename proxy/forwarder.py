@@ -428,11 +428,20 @@ class Forwarder:
         elif kind is Drop and tcp:
             reply_to.no_reply()
             if verdict.close_tcp:
-                self._later(verdict.delay, reply_to.close, (), released)
+                self._later(verdict.delay, reply_to.close, (), released, at_cap=reply_to.close)
 
-    def _later(self, delay: float, callback: Any, args: tuple, released: tuple) -> None:
+    def _later(self, delay: float, callback: Any, args: tuple, released: tuple,
+               at_cap: Any = None) -> None:
         """Run callback(*args) after `delay`; `release_delayed` forwards
-        `released` instead, at once."""
+        `released` instead, at once.  Queries held in delays count against
+        `max_pending`: beyond it, `at_cap()` runs now, or the query gets SERVFAIL."""
+        if len(self._delayed) + self.inflight >= self.settings.max_pending:
+            if at_cap is not None:
+                at_cap()
+            else:
+                self.stats.servfail_overload += 1
+                self._servfail_now(*released[:4])
+            return
         self._delay_seq += 1
         key = self._delay_seq
 

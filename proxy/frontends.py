@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 from typing import Any
 
@@ -27,6 +28,7 @@ class UdpFrontend(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        _grow_receive_buffer(transport.get_extra_info("socket"))
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.stats.queries_udp += 1
@@ -34,6 +36,25 @@ class UdpFrontend(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("UDP error: %s", exc)
+
+
+UDP_RECEIVE_BUFFER = 4 << 20  # bytes: absorbs bursts while the loop is busy
+
+
+def _grow_receive_buffer(sock: Any) -> None:
+    """A larger kernel receive buffer, so a burst (an upstream dying and every
+    pending query retried at once) is queued rather than dropped.  Root may
+    exceed net.core.rmem_max; others get what the kernel allows."""
+    if sock is None:
+        return
+    for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_RECEIVE_BUFFER)
+            return
+        except OSError:
+            continue
 
 
 class TcpConnection(asyncio.Protocol):
@@ -74,13 +95,15 @@ class TcpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
         buffer += data
-        self.last_active = asyncio.get_running_loop().time()
+        # Only whole messages count as activity: a client trickling a byte at a
+        # time is still idle, and the idle timeout closes it.
         while len(buffer) >= 2:
             (length,) = struct.unpack_from("!H", buffer)
             if len(buffer) < 2 + length:
                 break
             message = bytes(buffer[2:2 + length])
             del buffer[:2 + length]
+            self.last_active = asyncio.get_running_loop().time()
             self.forwarder.stats.queries_tcp += 1
             self.outstanding += 1
             self.forwarder.handle(message, self.peer, self, True, self.listener)

@@ -115,8 +115,9 @@ class ForwarderCollector(Collector):
         yield _counter("dnschaos_fault_dropped_answers",
                        "Upstream answers a response-side fault dropped.", s.fault_dropped)
         yield _counter("dnschaos_engine_errors",
-                       "Failures inside the fault engine (the query was forwarded unchanged).",
-                       s.engine_errors)
+                       "Failures inside the fault engine or a rule's fault (the query or "
+                       "answer went through unchanged); per rule in dnschaos_rule_errors_total.",
+                       s.engine_errors + _engine_error_count(fwd.engine))
         yield _gauge("dnschaos_inflight_queries", "Queries waiting for an upstream.",
                      fwd.inflight)
         yield _counter("dnschaos_tcp_connections", "Client TCP connections accepted.",
@@ -169,6 +170,9 @@ class ForwarderCollector(Collector):
             "dnschaos_rule_matches", "Queries a rule selected.", labels=labels)
         injected = CounterMetricFamily(
             "dnschaos_faults_injected", "Faults a rule injected.", labels=labels)
+        errors = CounterMetricFamily(
+            "dnschaos_rule_errors", "Failures inside a rule's fault (passed through unchanged).",
+            labels=labels)
         dry = CounterMetricFamily(
             "dnschaos_dry_run_matches",
             "Queries a dry-run rule selected (forwarded unchanged, nothing injected).",
@@ -182,10 +186,12 @@ class ForwarderCollector(Collector):
                 continue
             matched.add_metric(key, row["matched"])
             injected.add_metric(key, row["injected"])
+            errors.add_metric(key, row.get("errors", 0))
         for (scenario, rule), count in sorted(dry_totals.items()):
             dry.add_metric([scenario, rule], count)
         yield matched
         yield injected
+        yield errors
         yield dry
         yield from self._client_metrics(engine, now)
         yield from self._run_metrics(engine, now)
@@ -282,6 +288,12 @@ def _rows(engine: Any, method: str) -> list[dict[str, Any]]:
     """engine.<method>() when the engine has it, else no rows."""
     read = getattr(engine, method, None)
     return list(read()) if callable(read) else []
+
+
+def _engine_error_count(engine: Any) -> int:
+    """The engine's own failures plus every rule's."""
+    rows = _rows(engine, "stats")
+    return int(getattr(engine, "errors", 0) or 0) + sum(row.get("errors", 0) for row in rows)
 
 
 def _histogram(name: str, doc: str, labels: list[str],

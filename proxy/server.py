@@ -10,6 +10,7 @@ re-reads the scenario directory."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -89,6 +90,10 @@ class Server:
             raise
         self._watch_phases()
         self._start_gameday()
+        # Everything built so far (modules, models, sockets) lives as long as
+        # the process: keep it out of the garbage collector's full passes,
+        # which would otherwise scan it all and stall queries.
+        gc.freeze()
         log.info(
             "dnschaos listening on %s (UDP and TCP%s), forwarding to %s (%s), admin on %s",
             ", ".join(self.listen_addresses),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import pickle
@@ -949,6 +950,7 @@ class Worker:
             await asyncio.sleep(0.1)
             await self.forwarder.stop()
             return 1
+        gc.freeze()  # as in Server.start: long-lived objects out of the collector's way
         self.control.send(("ready", {"pid": os.getpid(), "listen": list(self.settings.listen)}))
         await self.stop.wait()
         await self.drain()

@@ -52,6 +52,7 @@ and the query is forwarded unchanged (or the answer passed through).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from random import Random
@@ -66,6 +67,8 @@ from proxy.core.stale import StaleStore
 from proxy.core.verdict import Forward, Verdict
 
 ADHOC = "adhoc"
+
+log = logging.getLogger("dnschaos.engine")
 OTHER = "other"
 """The client (or name) that counts everything beyond the caps."""
 NAMES_PER_CLIENT = 100
@@ -572,8 +575,21 @@ class Engine:
                 return Forward(verdict.delay, _RECORD_ONLY.respond)
             return verdict
         except Exception:  # noqa: BLE001 - fail open, whatever the bug
-            self.errors += 1
+            self._failed(None, "a query")
             return None
+
+    def _failed(self, rule: CompiledRule | None, what: str) -> None:
+        """Count a failure inside the engine or a rule's fault, and log it with
+        its traceback the 1st, 10th, 100th... time (a bug may fire per query)."""
+        if rule is not None:
+            rule.counters.errors += 1
+            count, who = rule.counters.errors, f"rule {rule.name!r}"
+        else:
+            self.errors += 1
+            count, who = self.errors, "the fault engine"
+        if str(count).rstrip("0") == "1":
+            log.error("%s failed on %s (failure %d); passed through unchanged", who, what,
+                      count, exc_info=True)
 
     def _apply(self, rule: CompiledRule, q: QueryView, t: float, now: float, rng: Random,
                state: PhaseState) -> Verdict | None:
@@ -581,7 +597,7 @@ class Engine:
         try:
             verdict = rule.fault.apply(q, t, rng, state)
         except Exception:  # noqa: BLE001 - fail open, whatever the bug
-            rule.counters.errors += 1
+            self._failed(rule, "a query")
             self._count_client(rule, q, now, None)
             return None
         if verdict is not None:
@@ -633,7 +649,7 @@ class Engine:
             try:
                 self.store.record((q.qname, q.qtype), wire)
             except Exception:  # noqa: BLE001 - fail open, whatever the bug
-                self.errors += 1
+                self._failed(None, "recording an answer")
         if job.fault is None:
             return wire
         run = job.run
@@ -644,10 +660,7 @@ class Engine:
             draw = (run.rng if run is not None else None) or rng
             return job.fault.respond(q, wire, t, draw, job.phase or PhaseState())
         except Exception:  # noqa: BLE001 - fail open, whatever the bug
-            if job.rule is not None:
-                job.rule.counters.errors += 1
-            else:
-                self.errors += 1
+            self._failed(job.rule, "an answer")
             return wire
 
     # --- reading ------------------------------------------------------------------------
