@@ -11,7 +11,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 def make_app(server: Any) -> web.Application:
     app = web.Application()
-    app["server"] = server
 
     async def health(request: web.Request) -> web.Response:
         forwarder = server.forwarder

@@ -22,6 +22,9 @@ from proxy.gameday.audit import AuditLog
 from proxy.gameday.report import to_markdown
 from proxy.gameday.runs import Conflict, GameDay, NotFound
 
+GAMEDAY = web.AppKey("gameday", GameDay)
+AUDIT = web.AppKey("audit", AuditLog)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
@@ -29,8 +32,8 @@ MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 def add_routes(app: web.Application, gameday: GameDay, audit: AuditLog,
                token: str | None) -> None:
     app.middlewares.append(_auth_middleware(audit, token))
-    app["gameday"] = gameday
-    app["audit"] = audit
+    app[GAMEDAY] = gameday
+    app[AUDIT] = audit
     r = app.router
     r.add_get("/api/status", status)
     r.add_get("/api/scenarios", list_scenarios)
@@ -116,7 +119,7 @@ def _audit(request: web.Request, action: str, target: str | None, body: Any, res
     details = {"request": body} if body not in (None, {}) else {}
     if extra:
         details.update(extra)
-    request.app["audit"].write(who=who(request), source=request.remote or "?", action=action,
+    request.app[AUDIT].write(who=who(request), source=request.remote or "?", action=action,
                                target=target, details=details, result=result)
 
 
@@ -142,7 +145,7 @@ def _default(value: Any) -> Any:
 
 
 def _gd(request: web.Request) -> GameDay:
-    return request.app["gameday"]
+    return request.app[GAMEDAY]
 
 
 def _body(request: web.Request) -> dict[str, Any]:
