@@ -41,7 +41,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from support.net import hostport
+from support.net import Endpoint
 
 
 @dataclass
@@ -259,7 +259,7 @@ class _Udp(asyncio.DatagramProtocol):
         pass
 
 
-class FakeUpstream:
+class FakeUpstream(Endpoint):
     """UDP+TCP DNS server on host:port (port 0: a free one) running `handler`.
 
     Attributes: host, port, hostport ('127.0.0.1:PORT', for --upstream),
@@ -284,14 +284,6 @@ class FakeUpstream:
         self.handler_errors: list[BaseException] = []
 
     # -- life cycle
-
-    @property
-    def addr(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    @property
-    def hostport(self) -> str:
-        return hostport(self.host, self.port)
 
     def start(self) -> FakeUpstream:
         ready = threading.Event()

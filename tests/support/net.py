@@ -74,3 +74,18 @@ def wait_until(predicate: Callable[[], object], timeout: float = 5.0,
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+class Endpoint:
+    """Something listening on `host`:`port`, in the forms tests pass around."""
+
+    host: str
+    port: int
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def hostport(self) -> str:
+        return hostport(self.host, self.port)

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import dns.exception
 
 from support.dnsutil import udp_raw
-from support.net import free_port, hostport
+from support.net import Endpoint, free_port, hostport
 from support.procs import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ class ProxyStartError(RuntimeError):
     pass
 
 
-class ProxyProcess:
+class ProxyProcess(Endpoint):
     """A running proxy.  host/port: its DNS listener (UDP and TCP);
     admin_url: 'http://127.0.0.1:PORT' or None when started with admin=False."""
 
@@ -67,14 +67,6 @@ class ProxyProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
-
-    @property
-    def addr(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    @property
-    def hostport(self) -> str:
-        return hostport(self.host, self.port)
 
     @property
     def admin_url(self) -> str | None:

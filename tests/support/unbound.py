@@ -22,7 +22,7 @@ import dns.query
 import dns.rcode
 
 from support import zone
-from support.net import free_port, hostport, ipv6_loopback_available
+from support.net import Endpoint, free_port, hostport, ipv6_loopback_available
 from support.procs import stop_process
 
 UNBOUND_CONF = """\
@@ -91,7 +91,7 @@ def sign_zone(directory: Path, zonefile: Path, origin: str) -> Path:
     return directory / (zonefile.name + ".signed")
 
 
-class Unbound:
+class Unbound(Endpoint):
     """unbound -d -c CONF on 127.0.0.1:PORT (and [::1]:PORT when IPv6 works).
 
     Attributes: host, port, hostport ('127.0.0.1:PORT', the form for
@@ -107,14 +107,6 @@ class Unbound:
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.log_path = self.directory / "unbound.log"
-
-    @property
-    def addr(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-    @property
-    def hostport(self) -> str:
-        return hostport(self.host, self.port)
 
     @property
     def ipv6_hostport(self) -> str:
