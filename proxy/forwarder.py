@@ -226,14 +226,8 @@ class Forwarder:
             return
         if self.engine.active:
             self._consult_engine(data, qend, addr, reply_to, tcp, listener)
-            return
-        orders = self._orders
-        if orders:
-            self._turn += 1
-            self._send_attempt([data[:2], addr, reply_to, tcp, data[12:qend], data,
-                                orders[self._turn % len(orders)], 0, 0.0, None, None, 0.0])
         else:
-            self._servfail_now(data, qend, addr, reply_to)
+            self.forward(data, qend, addr, reply_to, tcp, None, None)
 
     def forward(self, data: bytes, qend: int, addr: Any, reply_to: Any, tcp: bool,
                 respond: Forward | None, view: QueryView | None) -> None:
