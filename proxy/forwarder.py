@@ -391,9 +391,13 @@ class Forwarder:
     def _consult_engine(self, data: bytes, qend: int, addr: Any, reply_to: Any, tcp: bool,
                         listener: str) -> None:
         try:
-            view = QueryView(data, qend, wire.qname_text(data, qend), wire.qtype_of(data, qend),
-                             addr[0], "tcp" if tcp else "udp", listener)
-            verdict = self.engine.on_query(view, time.time(), self.rng)
+            qname = wire.qname_text(data, qend)
+            now = time.time()
+            verdict = view = None
+            if self.engine.may_act(qname, now):  # most names: no rule to try
+                view = QueryView(data, qend, qname, wire.qtype_of(data, qend),
+                                 addr[0], "tcp" if tcp else "udp", listener)
+                verdict = self.engine.on_query(view, now, self.rng)
         except Exception:  # fail open: a bug in a fault must not break DNS
             log.exception("fault engine failed on a query; forwarding it unchanged")
             self.stats.engine_errors += 1

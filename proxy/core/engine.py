@@ -521,6 +521,20 @@ class Engine:
 
     # --- the hooks ---------------------------------------------------------------------
 
+    def may_act(self, qname: str, now: float) -> bool:
+        """False when `on_query` would surely pass a query for `qname`
+        untouched: no rule of a current phase can select the name, nothing
+        is recorded or dry-run, and no run changes phase or ends.  Lets the
+        transport skip building a QueryView for most queries."""
+        for run in self._order:
+            phase = run.current
+            t = now - run.shift
+            if (now >= run.hard_end or phase is None or not phase.start <= t < phase.end
+                    or phase.record or run.dry_run
+                    or phase.rule_index.candidates(qname)):
+                return True
+        return False
+
     def on_query(self, q: QueryView, now: float, rng: Random) -> Verdict | None:
         """The verdict for a query; None: forward it unchanged."""
         try:

@@ -152,3 +152,19 @@ def test_the_scenario_seed_makes_choices_reproducible():
 
     assert choices(42) == choices(42)
     assert choices(42) != choices(43)
+
+
+def test_may_act_is_false_only_when_on_query_would_pass_the_name():
+    engine = Engine()
+    assert engine.may_act("h10.test", 100.0) is False  # nothing loaded
+    engine.load(scenario(), started_at=100.0, now=100.0)
+    engine.on_query(view("h991.test"), 101.0, Random(1))  # settles the current phase
+    assert engine.may_act("h990.test", 101.0) is True  # a rule's name
+    assert engine.may_act("x.stale.test", 101.0) is True  # recorded for the stale rule
+    plain = Engine()
+    plain.load(Scenario.model_validate({"name": "p", "phases": [{"name": "p", "duration": "1h",
+               "rules": [{"match": {"name": "a.test"}, "fault": "nxdomain"}]}]}), 100.0, 100.0)
+    plain.on_query(view("b.test"), 101.0, Random(1))
+    assert plain.may_act("b.test", 101.0) is False  # no rule for it: skip the engine
+    assert plain.may_act("a.test", 101.0) is True
+    assert plain.may_act("b.test", 100.0 + 3600) is True  # the phase ends: on_query must see it
