@@ -75,10 +75,10 @@ class Upstream:
         return self.down_until == 0.0
 
     def sent(self) -> int:
-        return sum(sock.sent for sock in self.sockets) + self.stats.requests
+        return sum(sock.sent for sock in self.sockets)
 
     def replies(self) -> int:
-        return sum(sock.replies for sock in self.sockets) + self.stats.replies
+        return sum(sock.replies for sock in self.sockets)
 
 
 class UpstreamSocket(asyncio.DatagramProtocol):
@@ -215,7 +215,7 @@ class Forwarder:
         except MalformedQuery as exc:
             self._malformed(data, addr, reply_to, tcp, exc)
             return
-        self.stats.qtypes[data[qend - 4] << 8 | data[qend - 3]] += 1
+        self.stats.qtypes[wire.qtype_of(data, qend)] += 1
         allowed = self._acl_cache.get(addr[0])
         if allowed is None:
             allowed = self._acl_check(addr[0])

@@ -176,10 +176,6 @@ class CompiledPhase:
             return 0.0
         return min(1.0, max(0.0, (now - self.start) / (self.end - self.start)))
 
-    def should_record(self, q: QueryView) -> bool:
-        return (any(s.matches(q) for s in self.record)
-                and not any(s.matches(q) for s in self.unrecorded))
-
 
 @dataclass(slots=True)
 class Run:

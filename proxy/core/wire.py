@@ -191,6 +191,3 @@ def header_reply(query: bytes, rcode: int) -> bytes:
     flags2 = QR | (query[2] & (OPCODE_MASK | RD))
     return query[:2] + bytes((flags2, RA | (rcode & RCODE_MASK))) + b"\x00" * 8
 
-
-def with_id(message: bytes, txid: bytes) -> bytes:
-    return txid + message[2:]

@@ -156,9 +156,8 @@ async def test_engine_raising_is_logged_counted_and_forwarded(unbound, stop_serv
 # --- logged and counted ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["apply", "respond", "selector"])
-async def test_a_fault_error_is_logged(unbound, stop_servers, monkeypatch, caplog, where):
-    caplog.set_level(logging.DEBUG)
+async def _broken(unbound, stop_servers, monkeypatch, where: str):
+    """A server whose rule's `apply` or `respond`, or every selector, raises."""
     fault = {"type": "ttl", "set": 7} if where == "respond" else "nxdomain"
     server, engine = await _server(unbound, {"match": {"suffix": "example.test"},
                                              "fault": fault})
@@ -167,6 +166,13 @@ async def test_a_fault_error_is_logged(unbound, stop_servers, monkeypatch, caplo
         monkeypatch.setattr(Selector, "matches", boom)
     else:
         monkeypatch.setattr(_rule(engine).fault, where, boom)
+    return server
+
+
+@pytest.mark.parametrize("where", ["apply", "respond", "selector"])
+async def test_a_fault_error_is_logged(unbound, stop_servers, monkeypatch, caplog, where):
+    caplog.set_level(logging.DEBUG)
+    server = await _broken(unbound, stop_servers, monkeypatch, where)
     assert _real(await _ask(server))
     logged = [r for r in caplog.records if r.levelno >= logging.WARNING
               and r.exc_info and isinstance(r.exc_info[1], Boom)]
@@ -175,14 +181,7 @@ async def test_a_fault_error_is_logged(unbound, stop_servers, monkeypatch, caplo
 
 @pytest.mark.parametrize("where", ["apply", "respond", "selector"])
 async def test_a_fault_error_is_in_metrics(unbound, stop_servers, monkeypatch, where):
-    fault = {"type": "ttl", "set": 7} if where == "respond" else "nxdomain"
-    server, engine = await _server(unbound, {"match": {"suffix": "example.test"},
-                                             "fault": fault})
-    stop_servers.append(server)
-    if where == "selector":
-        monkeypatch.setattr(Selector, "matches", boom)
-    else:
-        monkeypatch.setattr(_rule(engine).fault, where, boom)
+    server = await _broken(unbound, stop_servers, monkeypatch, where)
     assert _real(await _ask(server))
     text = generate_latest(server.registry).decode()
     counted = _metric(server, "dnschaos_engine_errors_total") + sum(

@@ -31,6 +31,7 @@ import dns.rdatatype
 import yaml
 
 from support.dnsutil import assert_same_reply, make_query, tcp, udp
+from support.net import all_free
 
 # --- scenarios ----------------------------------------------------------------------
 
@@ -191,23 +192,6 @@ def matched(proxy: Any, rule_name: str) -> float:
 # --- addresses ----------------------------------------------------------------------
 
 
-def _bindable(host: str, port: int) -> bool:
-    socks = []
-    try:
-        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-            sock = socket.socket(socket.AF_INET, kind)
-            socks.append(sock)
-            if kind == socket.SOCK_STREAM:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-        return True
-    except OSError:
-        return False
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 def loopback_with_free_port(port: int = 53, first: int = 53, last: int = 250,
                             skip: Iterable[str] = ()) -> str:
     """A 127.0.0.X address on which `port` is free for UDP and TCP (port 53
@@ -215,7 +199,7 @@ def loopback_with_free_port(port: int = 53, first: int = 53, last: int = 250,
     skipped = set(skip)
     for x in range(first, last + 1):
         host = f"127.0.0.{x}"
-        if host not in skipped and _bindable(host, port):
+        if host not in skipped and all_free((host,), port):
             return host
     raise RuntimeError(f"no 127.0.0.X address with port {port} free")
 

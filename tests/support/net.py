@@ -21,18 +21,22 @@ def free_port(*hosts: str, attempts: int = 50) -> int:
         with socket.socket(_family(hosts[0]), socket.SOCK_STREAM) as probe:
             probe.bind((hosts[0], 0))
             port = probe.getsockname()[1]
-        if _all_free(hosts, port):
+        if all_free(hosts, port):
             return port
     raise RuntimeError(f"no port free for UDP and TCP on {hosts}")
 
 
-def _all_free(hosts: tuple[str, ...], port: int) -> bool:
+def all_free(hosts: tuple[str, ...], port: int) -> bool:
+    """Whether `port` binds for TCP and UDP on every host (TCP with
+    SO_REUSEADDR, as the proxy binds it, so TIME_WAIT does not count)."""
     sockets = []
     try:
         for host in hosts:
             for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
                 sock = socket.socket(_family(host), kind)
                 sockets.append(sock)
+                if kind == socket.SOCK_STREAM:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((host, port))
         return True
     except OSError:

@@ -196,7 +196,8 @@ def test_forwarder_counters_sum() -> None:
         stats.rcodes[0] = queries
         stats.latency.observe(0.002)
         ups = [Upstream("127.0.0.1", 53, "127.0.0.1:53"), Upstream("127.0.0.2", 53, "127.0.0.2:53")]
-        ups[0].stats.requests, ups[0].stats.timeouts = queries, 1
+        ups[0].sockets = [SimpleNamespace(sent=queries, replies=0)]  # type: ignore[list-item]
+        ups[0].stats.timeouts = 1
         ups[0].stats.latency.observe(0.001)
         ups[1].down_until = 0.0 if up else 5.0
         return SimpleNamespace(stats=stats, upstreams=ups, inflight=2)
