@@ -310,6 +310,10 @@ def write_rules(cd: Path, name: str, args: argparse.Namespace) -> list[str]:
 
 
 def start_nsd(procs: Procs, bins: dict, d: Path, zone: Path, port: int, cpu: int | None) -> None:
+    # rrl-ratelimit 0: Debian's NSD enables response rate limiting (200 per
+    # second per source /24 and response class).  Every contestant sends from
+    # 127.0.0.1, so RRL would drop or truncate its queries and measure NSD's
+    # limiter instead of the forwarder.
     nd = d / "nsd"
     nd.mkdir()
     conf = nd / "nsd.conf"
@@ -327,6 +331,7 @@ def start_nsd(procs: Procs, bins: dict, d: Path, zone: Path, port: int, cpu: int
   server-count: 1
   verbosity: 0
   hide-version: yes
+  rrl-ratelimit: 0
 remote-control:
   control-enable: no
 zone:
