@@ -19,8 +19,9 @@ How it works:
 - An upstream that times out `max_fails` times in a row is marked down and
   tried last for `down_time` seconds, then gets another chance.
 - Nothing here decodes a whole message: the header and question are read
-  from the bytes.  Only when rules are loaded is a QueryView built and handed
-  to the engine.
+  from the bytes.  Only a query whose raw name the engine's `Screen` lists
+  (or every query, while the screen is off) gets a QueryView and goes
+  through the engine.
 """
 
 from __future__ import annotations
@@ -391,12 +392,16 @@ class Forwarder:
     def _consult_engine(self, data: bytes, qend: int, addr: Any, reply_to: Any, tcp: bool,
                         listener: str) -> None:
         try:
-            qname = wire.qname_text(data, qend)
             now = time.time()
+            screen = self.engine.screen(now)
+            name = data[12:qend - 4].lower()
             verdict = view = None
-            if self.engine.may_act(qname, now):  # most names: no rule to try
-                view = QueryView(data, qend, qname, wire.qtype_of(data, qend),
-                                 addr[0], "tcp" if tcp else "udp", listener)
+            # Most names have no rule to try: the screen tells from the raw bytes.
+            if not screen.usable or name in screen.names or (
+                    screen.zones and wire.under_zones(name, screen.zones)):
+                view = QueryView(data, qend, wire.qname_text(data, qend),
+                                 wire.qtype_of(data, qend), addr[0], "tcp" if tcp else "udp",
+                                 listener)
                 verdict = self.engine.on_query(view, now, self.rng)
         except Exception:  # fail open: a bug in a fault must not break DNS
             log.exception("fault engine failed on a query; forwarding it unchanged")

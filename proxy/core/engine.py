@@ -251,6 +251,21 @@ class Run:
 
 
 @dataclass(frozen=True, slots=True)
+class Screen:
+    """What the transport may skip between `since` and `until` (wall clock):
+    when `usable`, a query whose lower-cased wire-form name is neither in
+    `names` nor under one of `zones` would pass the engine untouched, so it
+    need not be decoded or shown to it.  Not usable while a dry run, a
+    recording phase or a rule that is not filed under names is live."""
+
+    usable: bool
+    names: frozenset[bytes]
+    zones: frozenset[bytes]
+    since: float
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
 class _Respond:
     """What `on_response` must do with the upstream's answer (opaque to the transport)."""
 
@@ -280,6 +295,7 @@ class Engine:
         self._order: tuple[Run, ...] = ()
         """The live runs, in rule order."""
         self._seq = 0
+        self._screen: Screen | None = None
 
     # --- runs ------------------------------------------------------------------------
 
@@ -499,6 +515,7 @@ class Engine:
     def _refresh(self) -> None:
         self._order = tuple(self._sorted(r for r in self._runs.values() if r.live))
         self.active = bool(self._order)
+        self._screen = None
 
     def _end(self, run: Run, reason: str, now: float) -> None:
         run.ended = reason
@@ -517,19 +534,36 @@ class Engine:
 
     # --- the hooks ---------------------------------------------------------------------
 
-    def may_act(self, qname: str, now: float) -> bool:
-        """False when `on_query` would surely pass a query for `qname`
-        untouched: no rule of a current phase can select the name, nothing
-        is recorded or dry-run, and no run changes phase or ends.  Lets the
-        transport skip building a QueryView for most queries."""
+    def screen(self, now: float) -> Screen:
+        """The names the engine may act on at `now` (cached until the runs
+        change or a phase starts or ends).  Lets the transport skip decoding
+        and `on_query` for most queries."""
+        screen = self._screen
+        if screen is None or not screen.since <= now < screen.until:
+            screen = self._screen = self._build_screen(now)
+        return screen
+
+    def _build_screen(self, now: float) -> Screen:
+        usable = True
+        names: set[bytes] = set()
+        zones: set[bytes] = set()
+        until = math.inf
         for run in self._order:
-            phase = run.current
             t = now - run.shift
-            if (now >= run.hard_end or phase is None or not phase.start <= t < phase.end
-                    or phase.record or run.dry_run
-                    or phase.rule_index.candidates(qname)):
-                return True
-        return False
+            if t < run.start:  # not started: its waiting pseudo-phase
+                phase: CompiledPhase | None = run.waiting
+            else:
+                phase = next((p for p in run.phases if p.start <= t < p.end), None)
+            if phase is None or now >= run.hard_end:
+                usable, until = False, now  # over: on_query ends it, then the runs change
+                break
+            until = min(until, run.hard_end, phase.end + run.shift)
+            index = phase.rule_index
+            if run.dry_run or phase.record or not index.screens:
+                usable = False
+            names |= index.wire_names
+            zones |= index.wire_zones
+        return Screen(usable, frozenset(names), frozenset(zones), now, until)
 
     def on_query(self, q: QueryView, now: float, rng: Random) -> Verdict | None:
         """The verdict for a query; None: forward it unchanged."""

@@ -7,6 +7,10 @@ lookup for the name and one per label boundary (for the zones), whatever
 the number of rules, and returns the rules in file order, so "first
 matching rule wins" is unchanged: each candidate still runs its whole
 selector.
+
+`wire_names` and `wire_zones` hold the same names in wire form, for the
+engine's `Screen`: the forwarder checks a query's raw name against them
+without decoding it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxy.core.selectors import label_suffixes
+from proxy.core.wire import name_to_wire
 
 
 class RuleIndex:
@@ -34,6 +39,15 @@ class RuleIndex:
             else:
                 self.always.append(position)
         self.indexed = bool(self.by_name or self.by_zone)
+        # A name with no wire form (an empty label, say) matches no query.
+        self.wire_names = frozenset(filter(None, map(name_to_wire, self.by_name)))
+        self.wire_zones = frozenset(filter(None, map(name_to_wire, self.by_zone)))
+
+    @property
+    def screens(self) -> bool:
+        """Whether every rule is filed under names or zones, so that a name
+        outside them has no candidate."""
+        return not self.rules or (self.indexed and not self.always)
 
     def candidates(self, qname: str) -> Sequence[Any]:
         """The rules that may select a query for `qname`, in file order."""

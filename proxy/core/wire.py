@@ -115,6 +115,55 @@ def _escape(raw: bytes) -> str:
     return "".join(out)
 
 
+def name_to_wire(name: str) -> bytes | None:
+    """The wire form (length-prefixed labels and the root's zero byte) of a
+    name in `qname_text`'s form; None for text that no query
+    name turns into (an empty or too long label, a non-ASCII character).
+    For every wire name w: name_to_wire(qname_text(w)) == w.lower()."""
+    labels: list[bytes] = []
+    label = bytearray()
+    pos = 0
+    try:
+        while pos < len(name):
+            char = name[pos]
+            if char == "\\":
+                digits = name[pos + 1:pos + 4]
+                if digits.isdigit() and len(digits) == 3:
+                    label.append(int(digits))
+                    pos += 4
+                    continue
+                char = name[pos + 1]
+                pos += 1
+            elif char == ".":
+                labels.append(bytes(label))
+                label = bytearray()
+                pos += 1
+                continue
+            label += char.encode("ascii")
+            pos += 1
+    except (IndexError, UnicodeEncodeError, ValueError):
+        return None
+    if name:
+        labels.append(bytes(label))
+    if any(not 0 < len(lab) < 64 for lab in labels):
+        return None
+    wire = b"".join(bytes((len(lab),)) + lab for lab in labels) + b"\x00"
+    return wire if len(wire) <= 255 else None
+
+
+def under_zones(wire_name: bytes, zones: frozenset[bytes]) -> bool:
+    """Whether a wire-form name is one of `zones` (wire form, not the root) or
+    below one, on label boundaries."""
+    pos = 0
+    length = wire_name[0]
+    while length:
+        if wire_name[pos:] in zones:
+            return True
+        pos += length + 1
+        length = wire_name[pos]
+    return False
+
+
 def qtype_of(data: bytes, qend: int) -> int:
     return data[qend - 4] << 8 | data[qend - 3]
 

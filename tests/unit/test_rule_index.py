@@ -109,7 +109,8 @@ from random import Random  # noqa: E402
 from dnslib import DNSRecord  # noqa: E402
 
 from proxy.core.engine import Engine  # noqa: E402
-from proxy.core.model import Scenario  # noqa: E402
+from proxy.core import wire  # noqa: E402
+from proxy.core.model import Rule, Scenario  # noqa: E402
 from proxy.core.query import QueryView  # noqa: E402
 from proxy.core.verdict import Forward, Reply  # noqa: E402
 
@@ -154,17 +155,80 @@ def test_the_scenario_seed_makes_choices_reproducible():
     assert choices(42) != choices(43)
 
 
-def test_may_act_is_false_only_when_on_query_would_pass_the_name():
+# --- the screen: what the forwarder may skip without asking the engine ----------------
+
+def raw_name(qname: str) -> bytes:
+    data = bytes(DNSRecord.question(qname).pack())
+    return data[12:wire.question_end(data) - 4].lower()
+
+
+def screened_out(engine: Engine, qname: str, now: float) -> bool:
+    """What the forwarder does: True when the query goes upstream unseen."""
+    screen = engine.screen(now)
+    name = raw_name(qname)
+    return screen.usable and name not in screen.names and not wire.under_zones(name, screen.zones)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_screened_out_query_is_one_the_engine_would_pass(seed):
+    """Against the engine itself, over random rules, names and times (phase
+    boundaries included): the screen never hides a query a rule selects."""
+    rng = random.Random(seed)
+    zones = ["a.test", "B.a.test", "c.test", "test", "x\\.y.test"]
+    names = [f"h{i}.{rng.choice(zones)}" for i in range(30)] + ["xa.test", "other.example", "a.test"]
+    kinds = ["name", "suffix", "both"] * 4 + ["glob", "qtype", "root"]
+
+    def rule() -> dict:
+        kind = rng.choice(kinds)
+        match = {"name": {"name": rng.sample(names, 2)}, "suffix": {"suffix": rng.choice(zones)},
+                 "both": {"name": rng.choice(names), "suffix": rng.choice(zones)},
+                 "glob": {"glob": "h1*"}, "qtype": {"qtype": "AAAA"}, "root": {"suffix": "."},
+                 }[kind]
+        return {"match": match, "fault": rng.choice(["nxdomain", "servfail", "nodata"])}
+
+    phases = [{"name": f"p{i}", "duration": "10s", "rules": [rule() for _ in range(rng.randint(0, 6))]}
+              for i in range(3)]
     engine = Engine()
-    assert engine.may_act("h10.test", 100.0) is False  # nothing loaded
-    engine.load(scenario(), started_at=100.0, now=100.0)
-    engine.on_query(view("h991.test"), 101.0, Random(1))  # settles the current phase
-    assert engine.may_act("h990.test", 101.0) is True  # a rule's name
-    assert engine.may_act("x.stale.test", 101.0) is True  # recorded for the stale rule
+    engine.add_run("r", Scenario.model_validate({"name": "s", "phases": phases}), 100.0, 100.0)
+    engine.add_rule("adhoc", Rule.model_validate(rule()), 100.0, expires_at=115.0)
+    skipped = faulted = 0
+    for step in range(400):
+        now = 99.0 + step * 0.1  # before, through and after the three phases
+        qname = rng.choice(names).upper() if step % 3 == 0 else rng.choice(names)
+        hidden = screened_out(engine, qname, now)
+        verdict = engine.on_query(view(qname), now, Random(1))
+        assert not (hidden and verdict is not None), (qname, now)
+        skipped += hidden
+        faulted += verdict is not None
+    assert faulted and (skipped or not engine.screen(120.0).usable)
+
+
+def test_the_screen_lasts_until_the_phase_ends_and_follows_the_runs():
+    engine = Engine()
+    engine.add_run("r", Scenario.model_validate({"name": "s", "phases": [
+        {"name": "one", "duration": "10s", "rules": [{"match": {"name": "a.test"}, "fault": "nxdomain"}]},
+        {"name": "two", "duration": "10s", "rules": [{"match": {"suffix": "b.test"}, "fault": "nxdomain"}]},
+    ]}), 100.0, 100.0)
+    first = engine.screen(101.0)
+    assert first.usable and first.until == 110.0
+    assert screened_out(engine, "b.test", 101.0) and not screened_out(engine, "A.test", 101.0)
+    assert engine.screen(109.0) is first  # cached
+    assert not screened_out(engine, "x.b.test", 110.0) and screened_out(engine, "a.test", 110.0)
+    engine.pause("r", 111.0)
+    assert screened_out(engine, "x.b.test", 111.0)  # nothing live
+    engine.resume("r", 112.0)
+    assert not screened_out(engine, "x.b.test", 112.0)
+
+
+@pytest.mark.parametrize("rule, dry_run", [
+    ({"match": {"glob": "*.test"}, "fault": "nxdomain"}, False),  # not filed under names
+    ({"match": {"name": "a.test"}, "fault": {"type": "stale"}}, False),  # records answers
+    ({"match": {"name": "a.test"}, "fault": "nxdomain"}, True),  # a dry run sees everything
+])
+def test_the_screen_is_off_when_the_engine_must_see_every_query(rule, dry_run):
+    engine = Engine()
+    engine.add_rule("x", Rule.model_validate(rule), 100.0, dry_run=dry_run)
+    assert not engine.screen(101.0).usable
     plain = Engine()
-    plain.load(Scenario.model_validate({"name": "p", "phases": [{"name": "p", "duration": "1h",
-               "rules": [{"match": {"name": "a.test"}, "fault": "nxdomain"}]}]}), 100.0, 100.0)
-    plain.on_query(view("b.test"), 101.0, Random(1))
-    assert plain.may_act("b.test", 101.0) is False  # no rule for it: skip the engine
-    assert plain.may_act("a.test", 101.0) is True
-    assert plain.may_act("b.test", 100.0 + 3600) is True  # the phase ends: on_query must see it
+    plain.add_rule("x", Rule.model_validate({"match": {"name": "a.test"}, "fault": "nxdomain"}), 100.0)
+    assert plain.screen(101.0).usable

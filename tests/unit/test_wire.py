@@ -123,3 +123,32 @@ def test_random_bytes_never_crash_the_parser(data):
     assert 12 < qend <= len(data)
     wire.qname_text(data, qend)
     wire.rcode_reply(data, qend, wire.SERVFAIL)
+
+
+_labels = st.lists(st.binary(min_size=1, max_size=63), min_size=0, max_size=5).filter(
+    lambda labels: sum(len(label) + 1 for label in labels) < 250)
+
+
+@given(_labels)
+@settings(max_examples=300, deadline=None)
+def test_name_to_wire_inverts_qname_text(labels):
+    # Any bytes in any case: the screen's wire names must be what the raw
+    # name of a query for the same text looks like, lower-cased.
+    raw = b"".join(bytes((len(label),)) + label for label in labels) + b"\x00"
+    data = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + raw + b"\x00\x01\x00\x01"
+    qend = wire.question_end(data)
+    assert wire.name_to_wire(wire.qname_text(data, qend)) == raw.lower()
+
+
+@pytest.mark.parametrize("text", ["a..b", ".a", "x" * 64 + ".test", "bücher.de", "a\\"])
+def test_name_to_wire_refuses_text_no_query_name_has(text):
+    assert wire.name_to_wire(text) is None
+
+
+def test_under_zones_is_on_label_boundaries():
+    zones = frozenset({wire.name_to_wire("example.com")})
+    assert wire.under_zones(wire.name_to_wire("example.com"), zones)
+    assert wire.under_zones(wire.name_to_wire("a.b.example.com"), zones)
+    assert not wire.under_zones(wire.name_to_wire("xexample.com"), zones)
+    assert not wire.under_zones(wire.name_to_wire("com"), zones)
+    assert not wire.under_zones(b"\x00", zones)  # the root
