@@ -3,7 +3,9 @@
 Both kinds give the forwarder a `reply_to` object with `sendto(bytes, addr)`:
 for UDP it is the asyncio transport itself, for TCP the connection, which
 adds the two-byte length prefix.  TCP connections carry any number of
-queries, answered as soon as each answer is ready, in any order (RFC 7766).
+queries, answered as soon as each answer is ready, in any order (RFC 7766);
+a connection whose client does not read its answers is not read from
+either, until they drain.
 """
 
 from __future__ import annotations
@@ -114,6 +116,18 @@ class TcpConnection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(struct.pack("!H", len(data)) + data)
             self.last_active = asyncio.get_running_loop().time()
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its queries
+        # until they drain, so it cannot make the proxy buffer answers
+        # without bound.  The idle timeout still closes it.
+        if self.transport is not None:
+            self.forwarder.stats.tcp_paused += 1
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def no_reply(self) -> None:
         """A query on this connection ends without an answer (dropped)."""

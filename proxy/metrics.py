@@ -130,6 +130,9 @@ class ForwarderCollector(Collector):
         closed.add_metric(["idle"], s.tcp_idle_closed)
         closed.add_metric(["evicted"], s.tcp_evicted)
         yield closed
+        yield _counter("dnschaos_tcp_reads_paused",
+                       "Times a client TCP connection stopped being read because its client "
+                       "did not read its answers.", s.tcp_paused)
 
         per_upstream = {
             "timeouts": ("dnschaos_upstream_timeouts", "Attempts the upstream did not answer in time."),

@@ -41,7 +41,7 @@ class Stats:
         "servfail_deadline", "servfail_overload", "truncated_retries", "tcp_upstream_errors",
         "unmatched_replies", "mismatched_replies", "servfail_sent",
         "faulted", "fault_dropped", "engine_errors", "tcp_connections", "tcp_rejected",
-        "tcp_idle_closed", "tcp_evicted", "qtypes", "rcodes", "latency",
+        "tcp_idle_closed", "tcp_evicted", "tcp_paused", "qtypes", "rcodes", "latency",
     )
 
     def __init__(self) -> None:

@@ -7,6 +7,7 @@ served."""
 from __future__ import annotations
 
 import socket
+import struct
 import time
 
 import dns.rcode
@@ -175,3 +176,51 @@ def _is_closed(sock: socket.socket) -> bool:
     except socket.timeout:
         return False
 
+
+
+def _send_until_refused(sock: socket.socket, chunk: bytes, max_bytes: int,
+                        refused_for: float, limit: float) -> tuple[int, bool]:
+    """Send `chunk` over and over without reading.  Returns (bytes sent,
+    whether the proxy stopped reading: sends refused for `refused_for` s in
+    a row) after at most `max_bytes` or `limit` seconds."""
+    sock.setblocking(False)
+    sent, blocked_since, deadline = 0, None, time.monotonic() + limit
+    while sent < max_bytes and time.monotonic() < deadline:
+        try:
+            sent += sock.send(chunk)
+            blocked_since = None
+        except BlockingIOError:
+            now = time.monotonic()
+            blocked_since = blocked_since or now
+            if now - blocked_since >= refused_for:
+                return sent, True
+            time.sleep(0.05)
+    return sent, False
+
+
+def test_a_client_that_never_reads_its_answers_is_not_read_either(start_proxy, unbound):
+    """Pipelined queries from a client that reads nothing: once 64 KiB of
+    answers wait, the proxy stops reading that connection (without
+    flow control it would read on and buffer every answer), other clients
+    are served, and the idle timeout closes it."""
+    proxy = start_proxy(config=_config(idle=3.0), upstreams=[unbound])
+    query = make_query("www.example.test.", "A").to_wire()
+    chunk = (struct.pack("!H", len(query)) + query) * 200
+    max_bytes = 4000 * len(chunk)  # 800,000 queries: far more than the buffers hold
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # answers pile up at the proxy
+    sock.connect((proxy.host, proxy.port))
+    try:
+        sent, stopped = _send_until_refused(sock, chunk, max_bytes, refused_for=1.0, limit=60)
+        assert stopped, f"the proxy kept reading: {sent} bytes of queries taken"
+        assert sent < max_bytes
+        assert proxy.metric("dnschaos_tcp_reads_paused_total") >= 1
+        assert _serves(proxy)  # everyone else is unaffected
+        closed_before = proxy.metric("dnschaos_tcp_connections_closed_total", reason="idle")
+        deadline = time.monotonic() + 3.0 + 3.0
+        while time.monotonic() < deadline and proxy.metric(
+                "dnschaos_tcp_connections_closed_total", reason="idle") == closed_before:
+            time.sleep(0.2)
+        assert proxy.metric("dnschaos_tcp_connections_closed_total", reason="idle") > closed_before
+    finally:
+        sock.close()
