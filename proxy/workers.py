@@ -53,7 +53,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import BaseModel
+
 from proxy.config import Settings, format_hostport, split_hostport
+from proxy.core.model import Limit, Match
 from proxy.errors import DnschaosError
 from proxy.stats import LATENCY_BUCKETS, Histogram, Stats, UpstreamStats
 
@@ -309,7 +312,8 @@ class WorkerPool:
             child.close()
         chan = Channel(parent)
         chan.send(("init", {"settings": self.worker_settings, "index": index,
-                            "parent": os.getpid(), "replay": self.replay()}))
+                            "count": self.count, "parent": os.getpid(),
+                            "replay": self.replay()}))
         restarts = self._restarts[index]
         handle = WorkerHandle(index, proc, chan, time.monotonic(), restarts=restarts)
         self.handles[index] = handle
@@ -899,6 +903,38 @@ class _Control(asyncio.Protocol):
         self.worker.on_main_gone()
 
 
+def worker_share(value: Any, index: int, count: int) -> Any:
+    """`value` (a Scenario, a Rule, a list of rules, anything else unchanged)
+    with the numbers that bound a fault's reach -- `first`, `limit.count` and
+    `limit.per_second` -- split among `count` workers, so that together they
+    never fault more than the scenario allows: worker `index` gets an equal
+    share, the remainder going to the lowest indexes.  A worker that sees
+    less of the traffic may use less than its share."""
+    if isinstance(value, list):
+        shared = [worker_share(item, index, count) for item in value]
+        return value if all(a is b for a, b in zip(shared, value)) else shared
+    if not isinstance(value, BaseModel) or count <= 1:
+        return value
+    update = {}
+    for name in type(value).model_fields:
+        field = getattr(value, name)
+        shared = worker_share(field, index, count)
+        if shared is not field:
+            update[name] = shared
+    if isinstance(value, Match) and value.first is not None:
+        update["first"] = _split(value.first, index, count)
+    if isinstance(value, Limit):
+        if value.count is not None:
+            update["count"] = _split(value.count, index, count)
+        if value.per_second is not None:
+            update["per_second"] = value.per_second / count
+    return value.model_copy(update=update) if update else value
+
+
+def _split(total: int, index: int, count: int) -> int:
+    return total // count + (1 if index < total % count else 0)
+
+
 class Worker:
     def __init__(self, sock: socket.socket, init: dict[str, Any],
                  rest: bytearray | None = None) -> None:
@@ -908,6 +944,7 @@ class Worker:
         self.rest = rest or bytearray()
         self.settings: Settings = init["settings"]
         self.index: int = init["index"]
+        self.count: int = init["count"]
         self.engine = Engine()
         for method, args, kwargs in init["replay"]:
             self._apply(method, args, kwargs)
@@ -920,6 +957,7 @@ class Worker:
         self.connections: set = set()
 
     def _apply(self, method: str, args: tuple, kwargs: dict) -> Any:
+        args = tuple(worker_share(arg, self.index, self.count) for arg in args)
         return getattr(self.engine, method)(*args, **kwargs)
 
     async def run(self) -> int:

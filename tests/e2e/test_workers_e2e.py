@@ -113,6 +113,19 @@ def test_rule_reaches_every_worker_and_reset_reverts_them(proxy):
     assert ask_many(proxy) == [OK] * QUERIES
 
 
+def test_a_limit_holds_across_workers(proxy):
+    """`limit.count: 4` with two workers: 4 faults in all, not 4 per worker."""
+    body = {"name": "www-capped", "match": {"name": zone.WWW}, "fault": "nxdomain",
+            "limit": {"count": 4}}
+    assert api(proxy, "POST", "/api/rules", body, token=None)[0] == 201
+    try:
+        answers = ask_many(proxy, 40)
+        assert answers.count(NX) == 4 and answers.count(OK) == 36
+        assert proxy.metric("dnschaos_faults_injected_total", rule="www-capped") == 4
+    finally:
+        assert api(proxy, "DELETE", "/api/rules/www-capped", token=None)[0] == 200
+
+
 def test_removing_a_delay_rule_releases_held_queries_in_every_worker(proxy):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -26,6 +26,7 @@ from proxy.workers import (
     sum_upstreams,
     unframe,
     wait_replies,
+    worker_share,
 )
 
 NOW = 1_800_000_000.0
@@ -260,3 +261,34 @@ def test_frames_and_channel_replies() -> None:
     finally:
         chan.close()
         theirs.close()
+
+
+def test_first_and_limits_are_split_so_workers_together_never_exceed_them() -> None:
+    scenario = Scenario.model_validate({"name": "s", "phases": [{"name": "p", "duration": "1h", "rules": [
+        {"name": "capped", "match": {"name": "a.test", "first": 5}, "fault": "nxdomain",
+         "limit": {"count": 7, "per_second": 3}},
+        {"name": "nested", "match": {"any": [{"not": {"first": 2}}, {"name": "b.test"}]},
+         "fault": "servfail"}]}]})
+    shares = [worker_share(scenario, i, 3) for i in range(3)]
+    rules = [share.phases[0].rules for share in shares]
+    assert [r[0].match.first for r in rules] == [2, 2, 1]
+    assert [r[0].limit.count for r in rules] == [3, 2, 2]
+    assert [r[0].limit.per_second for r in rules] == [1.0] * 3
+    assert [r[1].match.any[0].not_.first for r in rules] == [1, 1, 0]
+    assert rules[0][0].match.name == ["a.test"] and rules[0][0].fault == scenario.phases[0].rules[0].fault
+    # The original is untouched; one worker keeps everything; ad hoc rule lists too.
+    assert scenario.phases[0].rules[0].limit.count == 7
+    assert worker_share(scenario, 0, 1) is scenario
+    capped = Rule.model_validate({"match": {"name": "x.test"}, "fault": "nxdomain",
+                                  "limit": {"count": 3}})
+    plain, shared = worker_share([RULE, capped], 1, 2)
+    assert plain is RULE and shared.limit.count == 1
+    # Applied: three engines, each fed every query, answer NXDOMAIN 5 times in all.
+    engines = []
+    for share in shares:
+        engine = Engine()
+        engine.add_run("r", share, 0.0, 0.0)
+        engines.append(engine)
+    faulted = sum(verdicts(engine, "a.test", 1.0 + i) == "Reply3"
+                  for engine in engines for i in range(10))
+    assert faulted == 5
