@@ -154,17 +154,24 @@ def run_replay(start_proxy, fake_upstream, path: Path, time_scale: float,
     `extra` (name, qtype) pairs) from before it is up until the scenario is
     over.  Retried (a fresh proxy) only when the poller got no answer in the
     run's warm-up, which is a few tens of milliseconds at this time scale."""
+    replay: Replay | None = None
     for attempt in range(attempts):
         fake = fake_upstream(AwsUpstream(nlb_names(path)))
         proxy = start_proxy("--scenario", str(path), "--time-scale", repr(time_scale),
                             upstreams=[fake], wait=False)
-        replay = poll(proxy, path, time_scale, extra)
+        try:
+            replay = poll(proxy, path, time_scale, extra)
+        except AssertionError:
+            log = proxy.stderr_text().lower()
+            if proxy.alive() or not ("could not bind" in log or "already in use" in log):
+                raise
+            continue  # its port was taken between the pick and the bind: another one
         print(f"{path.name}, attempt {attempt + 1}:\n{replay.summary()}")  # shown on failure
         if warmed_up(replay):
             return replay
         proxy.stop()
     pytest.fail(f"the poller never got an answer during the warm-up of {path.name}:\n"
-                + replay.summary())
+                + (replay.summary() if replay else "the proxy never bound its port"))
 
 
 def warmed_up(replay: Replay) -> bool:
