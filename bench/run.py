@@ -32,6 +32,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import socket
 import struct
 import subprocess
@@ -368,7 +369,7 @@ def start_contestant(name: str, procs: Procs, bins: dict, d: Path, upstream: int
         return upstream, None
     port = free_port()
     cd = d / name
-    cd.mkdir()
+    cd.mkdir(exist_ok=True)  # again in every round
     lf = cd / "output.log"
     ready_timeout = 20.0
     extra = write_rules(cd, name, args) if args.rules else []
@@ -554,6 +555,9 @@ def main() -> int:
     ap.add_argument("--faulted-every", type=int, default=10,
                     help="with --rules: every Kth zone name is faulted (default 10: a tenth; "
                          "0: rules on names nobody asks for, to measure matching cost)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measure every contestant this many times, interleaved, and report "
+                         "medians (default 3: this machine's figures vary from run to run)")
     ap.add_argument("--output", default=str(RESULTS_DIR / "latest.json"))
     args = ap.parse_args()
 
@@ -594,8 +598,8 @@ def main() -> int:
         # enough outstanding for the rate even at ~50 ms latency
         lat_q = max(100, args.rate // 20)
         lat_extra = ["-Q", str(args.rate), "-c", str(args.clients), "-q", str(lat_q), "-t", "2", "-v"]
-        for name in names:
-            res: dict = {"contestant": name}
+        for name, round_no in [(n, r + 1) for r in range(args.rounds) for n in names]:
+            res: dict = {"contestant": name, "round": round_no}
             results.append(res)
             proc = None
             try:
@@ -652,15 +656,27 @@ def main() -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
+def median_summary(summaries: list[dict]) -> dict:
+    """Per field: the median over rounds (None values left out) and the range."""
+    out: dict = {"median": {}, "range": {}}
+    for key in (summaries[0] if summaries else {}):
+        values = sorted(v for s in summaries if (v := s.get(key)) is not None)
+        out["median"][key] = statistics.median(values) if values else None
+        out["range"][key] = (values[0], values[-1]) if values else (None, None)
+    return out
+
+
 def finish(results, args, machine, versions, names, pin, interrupted=False) -> None:
     if not results:
         return
-    base = next((r for r in results if r["contestant"] == "dnsdist" and "closed_loop" in r), None)
-    base_qps = base["closed_loop"]["qps"] if base else None
-    base_p99 = base["fixed_rate"]["p99_ms"] if base and "fixed_rate" in base else None
-    if base_p99 is not None and (math.isinf(base_p99) or base_p99 <= 0):
-        base_p99 = None  # dnsdist's own p99 was a lost query: no meaningful ratio
     for r in results:
+        # Ratios are to dnsdist in the same round, measured minutes apart at most.
+        base = next((b for b in results if b["contestant"] == "dnsdist" and "closed_loop" in b
+                     and b.get("round") == r.get("round")), None)
+        base_qps = base["closed_loop"]["qps"] if base else None
+        base_p99 = base["fixed_rate"]["p99_ms"] if base and "fixed_rate" in base else None
+        if base_p99 is not None and (math.isinf(base_p99) or base_p99 <= 0):
+            base_p99 = None  # dnsdist's own p99 was a lost query: no meaningful ratio
         c, f = r.get("closed_loop"), r.get("fixed_rate")
         r["summary"] = {
             "qps": c["qps"] if c else None,
@@ -674,6 +690,8 @@ def finish(results, args, machine, versions, names, pin, interrupted=False) -> N
             "rate_lost_pct": f["lost_pct"] if f else None,
             "cpu_us_per_query": f.get("cpu_us_per_query") if f else None,
         }
+    medians = {name: median_summary([r["summary"] for r in results if r["contestant"] == name])
+               for name in names}
     machine["loadavg_end"] = os.getloadavg()
     doc = {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -689,6 +707,7 @@ def finish(results, args, machine, versions, names, pin, interrupted=False) -> N
             "contestants": names, "names_in_zone": N_NAMES, "aaaa_queries": N_AAAA,
             "rules": args.rules, "faulted_every": args.faulted_every,
         },
+        "medians": medians,
         "results": results,
     }
     out = Path(args.output)
@@ -702,18 +721,26 @@ def finish(results, args, machine, versions, names, pin, interrupted=False) -> N
               f"{N_NAMES} queried names faulted\n")
     print(f"closed loop: dnsperf -c {args.clients} -q {args.outstanding}, {args.duration:g}s; "
           f"latency: -Q {args.rate}, {args.duration:g}s; "
-          f"{'dnsperf on CPU 0, server+nsd on CPU 1' if pin else 'unpinned'}\n")
+          f"{'dnsperf on CPU 0, server+nsd on CPU 1' if pin else 'unpinned'}; "
+          f"medians of {args.rounds} interleaved round(s), ratios to dnsdist in the same "
+          f"round (their range in brackets)\n")
     print("| contestant | QPS | × dnsdist | lost % | p50 ms | p99 ms | p99 × dnsdist "
           f"| QPS @{args.rate} | lost % @{args.rate} | CPU µs/query @{args.rate} |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        s = r.get("summary", {})
-        if "error" in r and not r.get("closed_loop"):
-            print(f"| {r['contestant']} | error |" + " — |" * 8)
+    for name in names:
+        s, spread = medians[name]["median"], medians[name]["range"]
+        if s["qps"] is None:
+            print(f"| {name} | error |" + " — |" * 8)
             continue
-        print(f"| {r['contestant']} | {fmt(s['qps'])} | {fmt(s['qps_ratio_to_dnsdist'], 2)} "
+
+        def ratio(key: str) -> str:
+            low, high = spread[key]
+            return fmt(s[key], 2) + (f" ({fmt(low, 2)}–{fmt(high, 2)})"
+                                     if low is not None and low != high else "")
+
+        print(f"| {name} | {fmt(s['qps'])} | {ratio('qps_ratio_to_dnsdist')} "
               f"| {fmt(s['lost_pct'], 2)} | {fmt(s['p50_ms'], 3)} | {fmt(s['p99_ms'], 3)} "
-              f"| {fmt(s['p99_ratio_to_dnsdist'], 2)} | {fmt(s['rate_achieved_qps'])} "
+              f"| {ratio('p99_ratio_to_dnsdist')} | {fmt(s['rate_achieved_qps'])} "
               f"| {fmt(s['rate_lost_pct'], 2)} | {fmt(s['cpu_us_per_query'], 1)} |")
     for r in results:
         if "error" in r:
