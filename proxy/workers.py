@@ -958,6 +958,7 @@ class Worker:
 
     def _apply(self, method: str, args: tuple, kwargs: dict) -> Any:
         args = tuple(worker_share(arg, self.index, self.count) for arg in args)
+        kwargs = {key: worker_share(arg, self.index, self.count) for key, arg in kwargs.items()}
         return getattr(self.engine, method)(*args, **kwargs)
 
     async def run(self) -> int:
