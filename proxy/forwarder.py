@@ -393,12 +393,9 @@ class Forwarder:
                         listener: str) -> None:
         try:
             now = time.time()
-            screen = self.engine.screen(now)
-            name = data[12:qend - 4].lower()
             verdict = view = None
             # Most names have no rule to try: the screen tells from the raw bytes.
-            if not screen.usable or name in screen.names or (
-                    screen.zones and wire.under_zones(name, screen.zones)):
+            if self.engine.screen(now).may_select(data[12:qend - 4].lower()):
                 view = QueryView(data, qend, wire.qname_text(data, qend),
                                  wire.qtype_of(data, qend), addr[0], "tcp" if tcp else "udp",
                                  listener)

@@ -65,6 +65,7 @@ from proxy.core.rule_index import RuleIndex
 from proxy.core.selectors import Selector
 from proxy.core.stale import StaleStore
 from proxy.core.verdict import Forward, Verdict
+from proxy.core.wire import under_zones
 
 ADHOC = "adhoc"
 
@@ -263,6 +264,12 @@ class Screen:
     zones: frozenset[bytes]
     since: float
     until: float
+
+    def may_select(self, wire_name: bytes) -> bool:
+        """Whether a live rule may select a query for this name (lower-cased
+        wire form); False: the query can go upstream unseen."""
+        return (not self.usable or wire_name in self.names
+                or (bool(self.zones) and under_zones(wire_name, self.zones)))
 
 
 @dataclass(frozen=True, slots=True)

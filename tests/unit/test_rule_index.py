@@ -164,9 +164,7 @@ def raw_name(qname: str) -> bytes:
 
 def screened_out(engine: Engine, qname: str, now: float) -> bool:
     """What the forwarder does: True when the query goes upstream unseen."""
-    screen = engine.screen(now)
-    name = raw_name(qname)
-    return screen.usable and name not in screen.names and not wire.under_zones(name, screen.zones)
+    return not engine.screen(now).may_select(raw_name(qname))
 
 
 @pytest.mark.parametrize("seed", range(6))
