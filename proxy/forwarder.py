@@ -167,7 +167,9 @@ class Forwarder:
         self._acl_cache: dict[str, bool] = {}
         self._random = b""
         self._random_pos = 0
-        self._delayed: dict[int, tuple[asyncio.TimerHandle, tuple]] = {}
+        self._delayed: dict[int, tuple[asyncio.TimerHandle, tuple, str | None]] = {}
+        """Queries held in a fault's delay: key -> (timer, what to forward on
+        release, the run that holds it)."""
         self._delay_seq = 0
         self._tasks: set[asyncio.Task] = set()
         self.loop: Any = None
@@ -195,7 +197,7 @@ class Forwarder:
     async def stop(self) -> None:
         if self._sweeper:
             self._sweeper.cancel()
-        for handle, _args in self._delayed.values():
+        for handle, _args, _run in self._delayed.values():
             handle.cancel()
         self._delayed.clear()
         for task in list(self._tasks):
@@ -413,7 +415,7 @@ class Forwarder:
             respond = verdict if verdict.respond is not None else None
             args = (data, qend, addr, reply_to, tcp, respond, view)
             if verdict.delay > 0:
-                self._later(verdict.delay, self.forward, args, released)
+                self._later(verdict.delay, self.forward, args, released, verdict.run)
             else:
                 self.forward(*args)
             return
@@ -422,22 +424,28 @@ class Forwarder:
             self.stats.rcodes[verdict.wire[3] & 15 if len(verdict.wire) > 3 else 0] += 1
             self.stats.latency.observe(verdict.delay)
             if verdict.delay > 0:
-                self._later(verdict.delay, reply_to.sendto, (verdict.wire, addr), released)
+                self._later(verdict.delay, reply_to.sendto, (verdict.wire, addr), released,
+                            verdict.run)
             else:
                 reply_to.sendto(verdict.wire, addr)
         elif kind is Drop and tcp:
-            reply_to.no_reply()
             if verdict.close_tcp:
-                self._later(verdict.delay, reply_to.close, (), released, at_cap=reply_to.close)
+                # Held until the close: the query stays outstanding on its
+                # connection until then, and a release answers it instead.
+                self._later(verdict.delay, _drop_and_close, (reply_to,), released, verdict.run,
+                            at_cap=True)
+            else:
+                reply_to.no_reply()
 
     def _later(self, delay: float, callback: Any, args: tuple, released: tuple,
-               at_cap: Any = None) -> None:
-        """Run callback(*args) after `delay`; `release_delayed` forwards
-        `released` instead, at once.  Queries held in delays count against
-        `max_pending`: beyond it, `at_cap()` runs now, or the query gets SERVFAIL."""
+               run: str | None, at_cap: bool = False) -> None:
+        """Run callback(*args) after `delay`, filed under `run`;
+        `release_delayed` forwards `released` instead, at once.  Queries held
+        in delays count against `max_pending`: beyond it, the callback runs now
+        (`at_cap`: a drop), or the query gets SERVFAIL."""
         if len(self._delayed) + self.inflight >= self.settings.max_pending:
-            if at_cap is not None:
-                at_cap()
+            if at_cap:
+                callback(*args)
             else:
                 self.stats.servfail_overload += 1
                 self._servfail_now(*released[:4])
@@ -449,17 +457,20 @@ class Forwarder:
             del self._delayed[key]
             callback(*args)
 
-        self._delayed[key] = (self.loop.call_later(delay, fire), released)  # type: ignore
+        self._delayed[key] = (self.loop.call_later(delay, fire), released, run)  # type: ignore
 
-    def release_delayed(self) -> int:
-        """Forward every query waiting in a fault's delay now, unfaulted.
-        Called when faults are stopped, so nothing is left hanging."""
-        held = list(self._delayed.values())
-        self._delayed.clear()
-        for handle, released in held:
+    def release_delayed(self, run: str | None = None) -> int:
+        """Forward now, unfaulted, the queries that `run` holds in a fault's
+        delay (None: every held query); the number released.  Called when a
+        run stops or pauses, so nothing of it is left hanging, while the
+        queries other runs hold keep their delay and their fault."""
+        keys = [key for key, (_, _, owner) in self._delayed.items()
+                if run is None or owner == run]
+        for key in keys:
+            handle, released, _ = self._delayed.pop(key)
             handle.cancel()
             self.forward(*released)
-        return len(held)
+        return len(keys)
 
     # --- small helpers -------------------------------------------------------
 
@@ -495,6 +506,12 @@ class Forwarder:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _drop_and_close(connection: Any) -> None:
+    """A TCP query dropped by closing its connection: it ends unanswered."""
+    connection.no_reply()
+    connection.close()
 
 
 async def tcp_exchange(addr: tuple[str, int], query: bytes, question: bytes) -> bytes:

@@ -17,7 +17,8 @@ How it works:
   applies it to its engine.  Mutations wait for every ready worker's
   acknowledgement (bounded), so when an API call returns, every worker
   applies it to the very next query; ticks are not waited for.  The game
-  day's `release` (delayed queries let go when faults stop) is a message too.
+  day's `release` (the queries a stopped or paused run holds in a delay let
+  go; no run id: every held query) is a message too, with the run's id.
 - Reads that need traffic counts (`stats`, `client_stats`) and /metrics are
   gathered from every worker and merged: per (run, rule) counts summed, per
   (run, rule, client) fault and name counts summed, first_seen min,
@@ -515,9 +516,10 @@ class WorkerPool:
     def call(self, method: str, args: tuple, kwargs: dict, wait: bool = True) -> None:
         self.request("call", method, args, kwargs, wait=wait)
 
-    def release(self) -> int:
-        """Forward every query held in a fault's delay, in every worker."""
-        return sum(self.request("release").values())
+    def release(self, run: str | None = None) -> int:
+        """Forward the queries `run` holds in a fault's delay (None: every
+        held query), in every worker."""
+        return sum(self.request("release", run).values())
 
     def gather(self, parts: tuple[str, ...], run: str | None = None) -> dict[int, dict[str, Any]]:
         """{worker index: {part: value}} from every ready worker."""
@@ -771,8 +773,8 @@ class PoolForwarder:
         got = self.pool.gather(("forwarder",))
         return sum(s["forwarder"]["inflight"] for s in got.values())
 
-    def release_delayed(self) -> int:
-        return self.pool.release()
+    def release_delayed(self, run: str | None = None) -> int:
+        return self.pool.release(run)
 
     def metrics_snapshot(self) -> Aggregate:
         got = self.pool.gather(("forwarder", "stats", "clients"))
@@ -1030,7 +1032,7 @@ class Worker:
                 if method == "tick":
                     return  # not acknowledged
             elif kind == "release":
-                value = self.forwarder.release_delayed()
+                value = self.forwarder.release_delayed(message[2])
             elif kind == "snapshot":
                 _, _, parts, run = message
                 value = {}

@@ -46,12 +46,17 @@ Affected clients are counted per (run, rule, client): first and last seen
 clients per rule (the rest fold into the client "other") and 100 names per
 client (the rest fold into the name "other").
 
+A verdict with a delay carries the id of the run whose rule gave it
+(`run`), so the transport can release the queries one run holds when that
+run stops or pauses, and leave every other run's alone.
+
 Faults fail open: an exception in a fault is counted in the rule's `errors`
 and the query is forwarded unchanged (or the answer passed through).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -617,13 +622,20 @@ class Engine:
             if changed:
                 self._refresh()
             record = record and not unrecord
+            # A delayed verdict names its run, so that stopping the run lets
+            # go of the queries it holds, and only those.
+            held = None
+            if verdict is not None and verdict.delay > 0 and winner is not None:
+                held = winner.run
             if isinstance(verdict, Forward) and verdict.respond is not None:
                 return Forward(verdict.delay, _Respond(verdict.respond, winner, winner_state,
-                                                       record, winner_run))
+                                                       record, winner_run), held)
             if record and verdict is None:
                 return _RECORD_ONLY
             if record and isinstance(verdict, Forward):
-                return Forward(verdict.delay, _RECORD_ONLY.respond)
+                return Forward(verdict.delay, _RECORD_ONLY.respond, held)
+            if held is not None:
+                return dataclasses.replace(verdict, run=held)  # type: ignore[arg-type]
             return verdict
         except Exception:  # noqa: BLE001 - fail open, whatever the bug
             self._failed(None, "a query")

@@ -7,9 +7,14 @@ background task calls `tick()` every TICK seconds: it collects the runs the
 engine ended (completed, max duration), starts scheduled runs that are due,
 records phase changes, and starts probe monitors.  Ending a run, whatever
 the cause, goes through `_finish`: stop it in the engine, release the
-queries held in a fault's delay (`release`, the forwarder's
+queries it holds in a fault's delay (`release(run id)`, the forwarder's
 release_delayed), stop its probes, build and write its report, and forget it
 in the engine.  Every step is idempotent: a second stop is harmless.
+
+Releases go by engine run id, so one run's end never lets go of another
+run's held queries: pausing a run releases that run's; removing or expiring
+an ad hoc rule releases that rule's (each ad hoc rule is an engine run of
+its own, `rule:<name>`); reset and shutdown release everything.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ class GameDay:
     def __init__(self, engine: Engine, *, max_run_duration: float = 4 * 3600.0,
                  catalog: Catalog | None = None, report_dir: str | None = None,
                  clock: Callable[[], float] = time.time,
-                 release: Callable[[], int] = lambda: 0,
+                 release: Callable[[str | None], int] = lambda run=None: 0,
                  checker: Checker = check) -> None:
         self.engine = engine
         self.max_run_duration = max_run_duration
@@ -222,7 +227,7 @@ class GameDay:
         for record in self.resolve(ref):
             if self.engine.pause(record.id, now):
                 self._event(record, now, "paused")
-                self.release()
+                self.release(record.id)
                 done.append(record.id)
         return done
 
@@ -244,7 +249,7 @@ class GameDay:
         rules = list(self.rules)
         for name in rules:
             self._remove_rule(name)
-        self.release()
+        self.release(None)  # every run ended: every held query goes
         return {"runs": stopped, "rules": rules}
 
     async def abort(self, run_id: str, detail: str) -> None:
@@ -278,7 +283,7 @@ class GameDay:
         if name not in self.rules:
             raise NotFound(f"no rule called {name!r}")
         self._remove_rule(name)
-        self.release()
+        self.release(_rule_run(name))
         return True
 
     def _remove_rule(self, name: str) -> None:
@@ -318,7 +323,7 @@ class GameDay:
             elif run_id.startswith("rule:") and run_id[5:] in self.rules:
                 log.info("ad hoc rule %s expired", run_id[5:])
                 self._remove_rule(run_id[5:])
-                self.release()
+                self.release(run_id)
         for name, start in self.scheduler.due(now):
             scenario = self.catalog.get(name)
             if scenario is None:
@@ -372,7 +377,7 @@ class GameDay:
         self.engine.stop_run(record.id, now, reason)
         run = self.engine.get_run(record.id)
         del self.runs[record.id]
-        self.release()
+        self.release(record.id)
         ended_at = run.ended_at if run is not None and run.ended_at is not None else now
         record.reason, record.detail, record.ended_at = reason, detail, ended_at
         if record.timeline and record.timeline[-1].get("end") is None:
@@ -510,6 +515,7 @@ class GameDay:
             self._finish(record, "shutdown", "the proxy stopped")
         for name in list(self.rules):
             self._remove_rule(name)
+        self.release(None)  # the ad hoc rules' too: nothing is left hanging
         for monitor in monitors:
             await monitor.stop()
         if self._pending:

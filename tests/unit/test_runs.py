@@ -154,6 +154,27 @@ def test_client_stats_are_bounded() -> None:
                                      "first_seen", "last_seen", "faults", "names"}
 
 
+def test_a_delayed_verdict_names_its_run() -> None:
+    """The transport files a query held in a delay under the run whose rule
+    gave the verdict; verdicts without a delay need no run."""
+    engine = Engine()
+    slow = {"type": "delay", "delay": "3s", "then": "servfail"}
+    engine.add_run("a", Scenario.model_validate({"name": "a", "phases": [
+        {"name": "p", "duration": 100, "rules": [
+            {"match": {"name": "a.internal"}, "fault": slow},
+            {"match": {"name": "b.internal"}, "fault": {"type": "delay", "delay": "2s"}},
+            {"match": {"name": "c.internal"}, "fault": {
+                "type": "delay", "delay": "1s", "then": {"type": "drop", "tcp": "close"}}},
+            {"match": {"name": "d.internal"}, "fault": "nxdomain"}]}]}), 0.0, 0.0)
+    engine.add_rule("rule:x", rule(slow, name="x.internal"), 0.0)
+    verdicts = {name: engine.on_query(q(f"{name}.internal"), 1.0, RNG)
+                for name in ("a", "b", "c", "d", "x")}
+    assert {name: (type(v).__name__, v.delay, v.run) for name, v in verdicts.items()} == {
+        "a": ("Reply", 3.0, "a"), "b": ("Forward", 2.0, "a"), "c": ("Drop", 1.0, "a"),
+        "d": ("Reply", 0.0, None), "x": ("Reply", 3.0, "rule:x")}
+    assert rcode(verdicts["a"]) == SERVFAIL  # the fault itself is unchanged
+
+
 def test_exact_stats_and_runs_info_keys() -> None:
     engine = Engine()
     engine.add_run("r", scenario(), 0.0, 0.0)
@@ -175,10 +196,11 @@ class Clock:
         return self.now
 
 
-def manager(clock: Clock, **kw: Any) -> tuple[GameDay, Engine, list[int]]:
+def manager(clock: Clock, **kw: Any) -> tuple[GameDay, Engine, list[str | None]]:
+    """A manager whose `release` records the run id it is asked to release."""
     engine = Engine()
-    released: list[int] = []
-    gd = GameDay(engine, clock=clock, release=lambda: released.append(1) or 0, **kw)
+    released: list[str | None] = []
+    gd = GameDay(engine, clock=clock, release=lambda run=None: released.append(run) or 0, **kw)
     return gd, engine, released
 
 
@@ -192,7 +214,7 @@ def test_manager_start_stop_and_report() -> None:
     gd.tick()
     assert rcode(engine.on_query(q(client="10.9.9.9"), 1012.0, RNG)) == SERVFAIL
     assert gd.stop(run.id) == [run.id]
-    assert released  # queries held in a delay are let go
+    assert released == [run.id]  # the queries it holds in a delay are let go
     assert engine.on_query(q(), 1012.1, RNG) is None and not engine.active
     assert gd.stop(run.id) == [] and gd.stop("s") == []  # a second stop is harmless
     report = gd.report(run.id)
@@ -256,6 +278,33 @@ def test_manager_schedule_fires_and_rejoins() -> None:
     gd2.add_scenario(scenario())
     gd2.tick()
     assert gd2.runs == {} and not engine2.active
+
+
+def test_manager_releases_only_what_the_ended_run_holds() -> None:
+    """Stopping or pausing a run, removing or expiring an ad hoc rule, asks
+    the forwarder to release the queries of that run (each ad hoc rule is an
+    engine run of its own) and no other; reset releases everything."""
+    clock = Clock(0.0)
+    gd, engine, released = manager(clock)
+    gd.add_scenario(scenario("a", ("p", 100, "nxdomain")))
+    gd.add_scenario(scenario("b", ("p", 100, "servfail")))
+    a, b = gd.start("a"), gd.start("b")
+    gd.add_rule("kept", rule("refused", name="kept.internal"), duration=300.0)
+    gd.add_rule("gone", rule("refused", name="gone.internal"), duration=300.0)
+    gd.add_rule("short", rule("refused", name="short.internal"), duration=2.0)
+    assert released == []  # starting releases nothing
+    assert gd.pause(b.id) == [b.id]
+    assert gd.stop(a.id) == [a.id]
+    assert gd.remove_rule("gone")
+    clock.now = 2.0
+    gd.tick()
+    assert released == [b.id, a.id, "rule:gone", "rule:short"]
+    assert set(gd.rules) == {"kept"}
+    assert {r["run"] for r in engine.runs_info(2.0)} == {b.id, "rule:kept"}
+    gd.resume(b.id)
+    assert released[4:] == []  # resuming holds nothing new
+    assert gd.reset() == {"runs": [b.id], "rules": ["kept"]}
+    assert released[4:] == [b.id, None]  # b's own, then every held query
 
 
 def test_manager_pause_resume_reset_and_rules() -> None:
