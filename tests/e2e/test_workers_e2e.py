@@ -21,7 +21,7 @@ from support.net import wait_until
 from .gameday_helpers import api
 
 pytestmark = pytest.mark.e2e
-NX, OK = dns.rcode.NXDOMAIN, dns.rcode.NOERROR
+NX, OK, SF = dns.rcode.NXDOMAIN, dns.rcode.NOERROR, dns.rcode.SERVFAIL
 QUERIES = 120  # each from a fresh socket, so a fresh source port
 
 
@@ -142,6 +142,38 @@ def test_removing_a_delay_rule_releases_held_queries_in_every_worker(proxy):
         assert api(proxy, "DELETE", "/api/rules/www-slow", token=None)[0] == 200
         assert [f.result() for f in held] == [OK] * 8  # forwarded at once, unfaulted
         assert time.monotonic() - start < 5
+
+
+def test_removing_one_delay_rule_keeps_another_rules_held_queries(proxy):
+    """Two ad hoc rules hold queries in the workers: removing one releases its
+    own at once, unfaulted; the other's keep their 3 s delay and their SERVFAIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kept, gone = zone.host_name(40), zone.host_name(41)
+    rules = [{"name": "kept-slow", "match": {"name": kept},
+              "fault": {"type": "delay", "delay": "3s", "then": "servfail"}},
+             {"name": "gone-slow", "match": {"name": gone},
+              "fault": {"type": "delay", "delay": "20s"}}]
+    for body in rules:
+        assert api(proxy, "POST", "/api/rules", body, token=None)[0] == 201
+
+    def timed(name: str) -> tuple[int, float]:
+        start = time.monotonic()
+        reply = udp(make_query(name, "A"), proxy.host, proxy.port, timeout=25)
+        return reply.rcode(), time.monotonic() - start
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            held = {name: [pool.submit(timed, name) for _ in range(4)] for name in (kept, gone)}
+            wait_until(lambda: all(proxy.metric("dnschaos_rule_matches_total",
+                                                rule=body["name"]) == 4 for body in rules),
+                       timeout=5, what="8 queries held")
+            assert api(proxy, "DELETE", "/api/rules/gone-slow", token=None)[0] == 200
+            results = {name: [f.result() for f in futures] for name, futures in held.items()}
+        assert all(rcode == SF and elapsed >= 2.9 for rcode, elapsed in results[kept]), results
+        assert all(rcode == OK and elapsed < 10 for rcode, elapsed in results[gone]), results
+    finally:
+        api(proxy, "POST", "/api/reset", {}, token=None)
 
 
 def test_a_killed_worker_comes_back_with_the_active_rule(proxy):
