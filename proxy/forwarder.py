@@ -18,6 +18,13 @@ How it works:
   the last attempt the client gets SERVFAIL, at the deadline, never silence.
 - An upstream that times out `max_fails` times in a row is marked down and
   tried last for `down_time` seconds, then gets another chance.
+- A query a fault delays waits in `_delayed` under a timer, filed under the
+  run whose rule holds it (the verdict's `run`).  `release_delayed(run)`
+  forwards that run's held queries at once, unfaulted, when it stops or
+  pauses; other runs' keep their delay and their fault.  A TCP drop that
+  closes the connection after a delay is held the same way, so the query
+  stays outstanding on its connection until the drop (or the release, which
+  answers it instead) ends it: exactly once.
 - Nothing here decodes a whole message: the header and question are read
   from the bytes.  Only a query whose raw name the engine's `Screen` lists
   (or every query, while the screen is off) gets a QueryView and goes
