@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DnschaosError as exc:
         print(f"dnschaos: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return 0
