@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from proxy import __version__
 from proxy.config import DEFAULT_ADMIN, DEFAULT_LISTEN, Settings
@@ -21,8 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dnschaos {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run the proxy")
-    run.add_argument("--config", help="YAML file with the same options as these flags")
+    run = commands.add_parser(
+        "run", help="run the proxy",
+        epilog="Each option is taken from, first to last: a flag, its DNSCHAOS_* environment "
+               "variable (DNSCHAOS_LISTEN, DNSCHAOS_UPSTREAMS, DNSCHAOS_ADMIN_LISTEN, "
+               "DNSCHAOS_ALLOW, DNSCHAOS_POLICY, DNSCHAOS_TIMEOUT, DNSCHAOS_DEADLINE, "
+               "DNSCHAOS_LOG_LEVEL, DNSCHAOS_ADMIN_TOKEN, DNSCHAOS_SCENARIO, "
+               "DNSCHAOS_TIME_SCALE; lists comma-separated), the config file, the default.")
+    run.add_argument("--config",
+                     help="YAML file with the same options as these flags (default $DNSCHAOS_CONFIG)")
     run.add_argument("--listen", action="append",
                      help=f"address to answer on, UDP and TCP (repeatable; default {DEFAULT_LISTEN})")
     run.add_argument("--upstream", action="append", dest="upstreams", metavar="HOST[:PORT]",
@@ -67,28 +75,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_settings(args: argparse.Namespace) -> Settings:
-    """The config file's values, overridden by the flags given."""
+ENV_SETTINGS = {
+    "DNSCHAOS_LISTEN": "listen",
+    "DNSCHAOS_UPSTREAMS": "upstreams",
+    "DNSCHAOS_ADMIN_LISTEN": "admin",
+    "DNSCHAOS_ALLOW": "allow",
+    "DNSCHAOS_POLICY": "policy",
+    "DNSCHAOS_TIMEOUT": "timeout",
+    "DNSCHAOS_DEADLINE": "deadline",
+    "DNSCHAOS_LOG_LEVEL": "log_level",
+    "DNSCHAOS_ADMIN_TOKEN": "admin_token",
+}
+"""Environment variables `dnschaos run` reads, and the setting each sets.
+(DNSCHAOS_ADMIN_LISTEN is where the proxy serves its API; the client
+commands find that API through DNSCHAOS_API, a URL.)"""
+ENV_LISTS = ("listen", "upstreams", "allow")
+"""Settings given in the environment as a list: comma- or space-separated."""
+ENV_CONFIG = "DNSCHAOS_CONFIG"
+FLAG_SETTINGS = ("listen", "upstreams", "admin", "allow", "policy", "timeout", "deadline",
+                 "log_level", "uvloop", "scenario_dir", "max_run_duration", "audit_log",
+                 "report_dir", "workers")
+
+
+def settings_values(args: argparse.Namespace,
+                    environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The settings given, before validation.  Each source overrides the ones
+    before it, for the keys it sets: the built-in defaults (not included), the
+    config file (--config, else $DNSCHAOS_CONFIG), the DNSCHAOS_* environment
+    variables that are set and not empty, the flags."""
     from proxy.loader import load_model
 
+    environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
+    config = args.config or environ.get(ENV_CONFIG)
+    if config:
+        path = Path(config)
         try:
             text = path.read_text()
         except OSError as exc:
             raise DnschaosError(f"cannot read config file: {exc}") from None
         values = load_model(text, str(path), Settings).model_dump(exclude_unset=True)
-    for key in ("listen", "upstreams", "admin", "allow", "policy", "timeout", "deadline",
-                "log_level", "uvloop", "scenario_dir", "max_run_duration", "audit_log",
-                "report_dir", "workers"):
+    for name, key in ENV_SETTINGS.items():
+        text = environ.get(name, "").strip()
+        if text:
+            values[key] = text.replace(",", " ").split() if key in ENV_LISTS else text
+    for key in FLAG_SETTINGS:
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value
-    import os
+    return values
 
-    if not values.get("admin_token") and os.environ.get("DNSCHAOS_ADMIN_TOKEN"):
-        values["admin_token"] = os.environ["DNSCHAOS_ADMIN_TOKEN"]
+
+def load_settings(args: argparse.Namespace,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """The validated settings (see settings_values), upstreams from resolv.conf
+    when none are given."""
+    values = settings_values(args, environ)
     from pydantic import ValidationError
 
     try:
@@ -126,14 +168,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from proxy.server import Server
 
     start: list[dict[str, Any]] = []
-    if args.scenario:
-        scenario = load_scenario(args.scenario)
-        spec: dict[str, Any] = {"scenario": scenario, "file": args.scenario, "trigger": "cli",
+    scenario_file = args.scenario or os.environ.get("DNSCHAOS_SCENARIO", "").strip()
+    time_scale = args.time_scale
+    if time_scale is None and os.environ.get("DNSCHAOS_TIME_SCALE", "").strip():
+        try:
+            time_scale = float(os.environ["DNSCHAOS_TIME_SCALE"])
+        except ValueError:
+            raise DnschaosError("DNSCHAOS_TIME_SCALE must be a number") from None
+    if scenario_file:
+        scenario = load_scenario(scenario_file)
+        spec: dict[str, Any] = {"scenario": scenario, "file": scenario_file, "trigger": "cli",
                                 "dry_run": bool(args.dry_run)}
-        if args.time_scale is not None:
-            if args.time_scale <= 0:
+        if time_scale is not None:
+            if time_scale <= 0:
                 raise DnschaosError("--time-scale must be greater than 0")
-            spec["time_scale"] = args.time_scale
+            spec["time_scale"] = time_scale
         if args.at:
             from proxy.core.schedule import parse_time
 
@@ -178,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DnschaosError as exc:
         print(f"dnschaos: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return 0

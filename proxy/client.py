@@ -16,7 +16,9 @@ from typing import Any
 from proxy.config import DEFAULT_ADMIN
 from proxy.errors import DnschaosError
 
-ENV_ADMIN = "DNSCHAOS_ADMIN"
+ENV_API = "DNSCHAOS_API"
+"""The admin API's URL for the client commands (`dnschaos run` takes its own
+listen address from DNSCHAOS_ADMIN_LISTEN)."""
 ENV_TOKEN = "DNSCHAOS_ADMIN_TOKEN"
 
 
@@ -93,7 +95,7 @@ def _cell(value: Any) -> str:
 def add_client_commands(commands: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--admin", default=None, metavar="URL",
-                        help=f"the proxy's admin API (default ${ENV_ADMIN} or {DEFAULT_ADMIN})")
+                        help=f"the proxy's admin API (default ${ENV_API} or {DEFAULT_ADMIN})")
     common.add_argument("--token", default=None,
                         help=f"bearer token for changes (default ${ENV_TOKEN})")
     common.add_argument("--json", action="store_true", help="print the API's JSON")
@@ -144,7 +146,7 @@ def add_client_commands(commands: Any) -> None:
 
 
 def run_client(args: argparse.Namespace) -> int:
-    admin = args.admin or os.environ.get(ENV_ADMIN) or DEFAULT_ADMIN
+    admin = args.admin or os.environ.get(ENV_API) or DEFAULT_ADMIN
     client = Client(admin, args.token or os.environ.get(ENV_TOKEN))
     out: Any
     command = args.command

@@ -12,8 +12,12 @@ from pydantic import BeforeValidator, Field, field_validator
 from proxy.core.model import Base, Cidr, Duration, parse_duration
 from proxy.errors import ConfigError
 
-DEFAULT_LISTEN = "127.0.0.1:5353"
-DEFAULT_ADMIN = "127.0.0.1:5380"
+DNS_PORT = 1053
+"""The default DNS port: unprivileged, and by convention no well-known service's
+(5353 would clash with mDNS: avahi, mDNSResponder)."""
+ADMIN_PORT = 5380
+DEFAULT_LISTEN = f"127.0.0.1:{DNS_PORT}"
+DEFAULT_ADMIN = f"127.0.0.1:{ADMIN_PORT}"
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
@@ -71,7 +75,7 @@ class Settings(Base):
     """Every option of `dnschaos run`; the YAML config file has the same keys."""
 
     listen: list[str] = Field(default_factory=lambda: [DEFAULT_LISTEN])
-    """Addresses to answer on, UDP and TCP: '127.0.0.1:5353', '[::1]:5353'."""
+    """Addresses to answer on, UDP and TCP: '127.0.0.1:1053', '[::1]:1053'."""
     upstreams: list[str] = Field(default_factory=list)
     """Resolvers to forward to; default: the nameservers in /etc/resolv.conf."""
     admin: str | None = DEFAULT_ADMIN
@@ -129,7 +133,7 @@ class Settings(Base):
     def _listen(cls, values: list[str]) -> list[str]:
         if not values:
             raise ValueError("at least one listen address is needed")
-        return [_hostport(5353)(v) for v in values]
+        return [_hostport(DNS_PORT)(v) for v in values]
 
     @field_validator("upstreams")
     @classmethod
@@ -139,7 +143,7 @@ class Settings(Base):
     @field_validator("admin")
     @classmethod
     def _admin(cls, value: str | None) -> str | None:
-        return None if value in (None, "", "off") else _hostport(5380)(value)
+        return None if value in (None, "", "off") else _hostport(ADMIN_PORT)(value)
 
     def with_resolv_conf(self, path: str = "/etc/resolv.conf") -> Settings:
         """Fill in upstreams from resolv.conf when none were given."""
@@ -160,7 +164,7 @@ class Settings(Base):
         """Refuse an admin listener off loopback without a token."""
         if self.admin is None or self.admin_token:
             return
-        host, _ = split_hostport(self.admin, 5380)
+        host, _ = split_hostport(self.admin, ADMIN_PORT)
         if not ipaddress.ip_address(host).is_loopback:
             raise ConfigError(
                 f"the admin listener {self.admin} is not on loopback: set admin_token "

@@ -5,9 +5,14 @@ Each exception's docstring is its default message.
 
 from __future__ import annotations
 
+import errno
+
 
 class DnschaosError(Exception):
     """dnschaos failed."""
+
+    exit_code = 2
+    """The `dnschaos` command's exit status: 2 for a usage or configuration error."""
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
@@ -43,3 +48,27 @@ class InvalidFile(DnschaosError):
     def __init__(self, problems: list[FieldProblem]) -> None:
         self.problems = problems
         super().__init__("\n".join(p.render() for p in problems))
+
+
+class ListenError(DnschaosError):
+    """The proxy cannot listen on an address."""
+
+    exit_code = 1  # the machine's state, not the command line, is at fault
+
+    @staticmethod
+    def from_os_error(address: str, proto: str, exc: OSError, flag: str) -> ListenError:
+        cause = exc.__cause__  # uvloop raises its own OSError, from the system's
+        if exc.errno is None and isinstance(cause, OSError):
+            exc = cause
+        if exc.errno == errno.EADDRINUSE:
+            return AddressInUse(address, proto, flag)
+        return ListenError(f"cannot listen on {address} ({proto}): {exc.strerror or exc}")
+
+
+class AddressInUse(ListenError):
+    """An address the proxy would listen on is held by another program."""
+
+    def __init__(self, address: str, proto: str, flag: str = "--listen") -> None:
+        self.address, self.proto = address, proto
+        super().__init__(f"{address} ({proto}) is already in use by another program: "
+                         f"pick another {flag} port or stop that program")

@@ -19,7 +19,8 @@ from typing import Any
 from aiohttp import web
 
 from proxy.admin import make_app
-from proxy.config import Settings, format_hostport, split_hostport
+from proxy.config import ADMIN_PORT, DNS_PORT, Settings, format_hostport, split_hostport
+from proxy.errors import ListenError
 from proxy.forwarder import Forwarder
 from proxy.frontends import TcpConnection, UdpFrontend
 from proxy.metrics import make_registry
@@ -78,6 +79,10 @@ class Server:
     async def start(self) -> None:
         self.settings.check_admin_token()
         if self.pool is not None:
+            if self.settings.admin:  # before starting workers that would be killed again
+                from proxy.workers import probe_free
+
+                probe_free(self.settings.admin, ADMIN_PORT, ("tcp",), "--admin")
             await self.pool.start()
             self.listen_addresses = list(self.pool.listen)
         else:
@@ -106,33 +111,50 @@ class Server:
         loop = asyncio.get_running_loop()
         await self.forwarder.start()
         for text in self.settings.listen:
-            host, port = split_hostport(text, 5353)
+            host, port = split_hostport(text, DNS_PORT)
             # TCP first, so that port 0 picks a free port that UDP then shares.
             # The listener's text is known only once bound: the factory reads it from a cell.
+            # Neither sets SO_REUSEPORT, so a port another program holds is refused.
             cell: list[str] = []
-            tcp = await loop.create_server(
-                lambda cell=cell: TcpConnection(self.forwarder, cell[0], self.tcp_connections),
-                host, port, reuse_address=True, family=_family(host),
-            )
-            port = tcp.sockets[0].getsockname()[1]
-            listener = format_hostport(host, port)
-            cell.append(listener)
-            udp, frontend = await loop.create_datagram_endpoint(
-                lambda listener=listener: UdpFrontend(self.forwarder, listener),
-                local_addr=(host, port), family=_family(host),
-            )
+            proto = "tcp"
+            try:
+                tcp = await loop.create_server(
+                    lambda cell=cell: TcpConnection(self.forwarder, cell[0], self.tcp_connections),
+                    host, port, reuse_address=True, family=_family(host),
+                )
+                self._tcp.append(tcp)
+                port = tcp.sockets[0].getsockname()[1]
+                listener = format_hostport(host, port)
+                cell.append(listener)
+                proto = "udp"
+                udp, frontend = await loop.create_datagram_endpoint(
+                    lambda listener=listener: UdpFrontend(self.forwarder, listener),
+                    local_addr=(host, port), family=_family(host),
+                )
+            except OSError as exc:
+                for server in self._tcp:
+                    server.close()
+                for transport in self._udp:
+                    transport.close()
+                await self.forwarder.stop()
+                raise ListenError.from_os_error(text, proto, exc, "--listen") from None
             self._udp.append(udp)
             self._udp_frontends.append(frontend)
-            self._tcp.append(tcp)
             self.listen_addresses.append(listener)
 
     async def _start_admin(self) -> None:
         if self.settings.admin:
-            host, port = split_hostport(self.settings.admin, 5380)
+            host, port = split_hostport(self.settings.admin, ADMIN_PORT)
             self._admin = web.AppRunner(make_app(self), access_log=None)
             await self._admin.setup()
             site = web.TCPSite(self._admin, host, port)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                await self._admin.cleanup()
+                self._admin = None
+                raise ListenError.from_os_error(self.settings.admin, "tcp", exc,
+                                                "--admin") from None
             bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
             self.admin_address = format_hostport(host, bound[1])
 

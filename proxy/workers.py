@@ -5,9 +5,11 @@ How it works:
   scheduler, scenario watcher.  It serves no DNS.  It starts N workers
   (`python -m proxy.workers --control-fd FD`), each a Forwarder and an
   Engine bound to every listen address with SO_REUSEPORT (UDP and TCP), so
-  the kernel spreads clients over them.  A port 0 is resolved first: the
-  main process binds it with SO_REUSEPORT, and holds it until every worker
-  is listening on the same number.
+  the kernel spreads clients over them.  First the main process binds every
+  address without SO_REUSEPORT, to refuse one another program holds (it
+  would share that program's queries); then it binds them with SO_REUSEPORT
+  (a port 0 resolved to a number) and holds them until every worker is
+  listening on the same number.
 - Each worker has a control channel, a unix socketpair carrying
   length-prefixed pickles, in order.  The game day drives a `FanoutEngine`:
   every mutating engine call (add_run, add_rule, stop_run, pause, resume,
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
 import os
@@ -56,9 +59,9 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from proxy.config import Settings, format_hostport, split_hostport
+from proxy.config import DNS_PORT, Settings, format_hostport, split_hostport
 from proxy.core.model import Limit, Match
-from proxy.errors import DnschaosError
+from proxy.errors import DnschaosError, ListenError
 from proxy.stats import LATENCY_BUCKETS, Histogram, Stats, UpstreamStats
 
 log = logging.getLogger("dnschaos.workers")
@@ -267,36 +270,30 @@ class WorkerPool:
                                                                name="worker monitor")
 
     def _reserve_ports(self) -> list[str]:
-        """The listen addresses with concrete ports: a port 0 becomes a free
-        port for both UDP and TCP, held (SO_REUSEPORT) until the workers bind it."""
+        """The listen addresses with concrete ports, held (SO_REUSEPORT, UDP and
+        TCP) until the workers bind them; a port 0 becomes a free port.
+
+        Every address is first bound without SO_REUSEPORT: a SO_REUSEPORT bind
+        succeeds next to another program's socket that has it set too (unbound,
+        CoreDNS, another dnschaos), and the kernel would then share that
+        program's queries with the workers."""
+        probed = [probe_free(text, DNS_PORT, ("tcp", "udp"), "--listen")
+                  for text in self.settings.listen]
         out = []
-        for text in self.settings.listen:
-            host, port = split_hostport(text, 5353)
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            last: OSError | None = None
-            for _ in range(50 if port == 0 else 1):
-                held = []
-                try:
-                    tcp = _reuse_socket(family, socket.SOCK_STREAM)
-                    held.append(tcp)
-                    tcp.bind((host, port))
-                    bound = tcp.getsockname()[1]
-                    udp = _reuse_socket(family, socket.SOCK_DGRAM)
-                    held.append(udp)
-                    udp.bind((host, bound))
-                except OSError as exc:
-                    last = exc
-                    for sock in held:
-                        sock.close()
-                    continue
-                self._reserved += held
-                out.append(format_hostport(host, bound))
-                break
-            else:
-                for sock in self._reserved:
-                    sock.close()
-                self._reserved.clear()
-                raise DnschaosError(f"cannot listen on {text}: {last}")
+        try:
+            for text, (host, port) in zip(self.settings.listen, probed):
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    sock = _reuse_socket(family, kind)
+                    self._reserved.append(sock)
+                    sock.bind((host, port))
+                out.append(format_hostport(host, port))
+        except OSError as exc:
+            for sock in self._reserved:
+                sock.close()
+            self._reserved.clear()
+            proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
+            raise ListenError.from_os_error(text, proto, exc, "--listen") from None
         return out
 
     def _spawn(self, index: int) -> WorkerHandle:
@@ -546,6 +543,39 @@ class WorkerPool:
 
     def pids(self) -> list[int]:
         return [h.pid for h in self.handles if h is not None]
+
+
+def probe_free(text: str, default_port: int, protocols: tuple[str, ...],
+               flag: str) -> tuple[str, int]:
+    """(host, port) of the address `text` after checking that nobody holds it
+    for any of `protocols` ("tcp", "udp"): each is bound without SO_REUSEPORT
+    (TCP with SO_REUSEADDR, so connections in TIME_WAIT do not count), then
+    closed.  A port 0 becomes a number free for all of them.  Raises
+    AddressInUse (or ListenError) naming the address, the protocol and `flag`."""
+    host, port = split_hostport(text, default_port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50 if port == 0 else 1):
+        number, held = port, []
+        try:
+            for proto in protocols:
+                sock = socket.socket(family, socket.SOCK_STREAM if proto == "tcp"
+                                     else socket.SOCK_DGRAM)
+                held.append(sock)
+                if proto == "tcp":
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((host, number))
+                number = sock.getsockname()[1]
+            return host, number
+        except OSError as exc:
+            if port == 0 and exc.errno == errno.EADDRINUSE:
+                continue  # the number picked for TCP is taken for UDP: another one
+            raise ListenError.from_os_error(text, proto, exc, flag) from None
+        finally:
+            for sock in held:
+                sock.close()
+    raise ListenError(f"cannot listen on {text}: no port free for {' and '.join(protocols)}")
 
 
 def _reuse_socket(family: int, kind: int) -> socket.socket:
@@ -975,7 +1005,7 @@ class Worker:
         self.control.data_received(bytes(self.rest))  # sent while we were starting
         try:
             for text in self.settings.listen:
-                host, port = split_hostport(text, 5353)
+                host, port = split_hostport(text, DNS_PORT)
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
                 tcp = await loop.create_server(
                     lambda text=text: TcpConnection(self.forwarder, text, self.connections),

@@ -2,7 +2,7 @@
 names in a loop and prints what it got every 10 seconds.  Standard library
 only, so it runs in any python image.
 
-Environment: DNS_SERVER (default dnschaos), DNS_PORT (5353), NAMES
+Environment: DNS_SERVER (default dnschaos), DNS_PORT (1053), NAMES
 (comma-separated, default api/db/cdn/checkout.shop.test), QPS (5), TIMEOUT
 (2 seconds).
 """
@@ -43,7 +43,7 @@ def ask(sock: socket.socket, server: tuple[str, int], name: str) -> str:
 
 def main() -> None:
     host = os.environ.get("DNS_SERVER", "dnschaos")
-    port = int(os.environ.get("DNS_PORT", "5353"))
+    port = int(os.environ.get("DNS_PORT", "1053"))
     names = [n.strip() for n in os.environ.get(
         "NAMES", "api.shop.test,db.shop.test,cdn.shop.test,checkout.shop.test").split(",")
         if n.strip()]

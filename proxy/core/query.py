@@ -24,7 +24,7 @@ class QueryView(NamedTuple):
     transport: str
     """"udp" or "tcp"."""
     listener: str
-    """The local address the query arrived on, "host:port" ("[::1]:5353" for IPv6)."""
+    """The local address the query arrived on, "host:port" ("[::1]:1053" for IPv6)."""
 
     @classmethod
     def parse(cls, data: bytes, client: str, transport: str, listener: str = "") -> "QueryView":

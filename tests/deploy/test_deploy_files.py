@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from proxy.config import Settings
+from support.net import free_port
 from proxy.core.model import Scenario
 from proxy.loader import load_model, load_scenario, load_scenario_text
 
@@ -92,7 +93,7 @@ def test_compose_wiring() -> None:
     assert config["upstreams"] == [f"{fixed['unbound']}:53"]
     for name in clients:
         env = {**services[name].get("environment", {})}
-        assert env["DNS_SERVER"] == str(fixed["dnschaos"]) and env["DNS_PORT"] == "5353"
+        assert env["DNS_SERVER"] == str(fixed["dnschaos"]) and env["DNS_PORT"] == config["listen"][0].rsplit(":", 1)[1]
     prometheus = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
     targets = [t for job in prometheus["scrape_configs"] if job["job_name"] == "dnschaos"
                for group in job["static_configs"] for t in group["targets"]]
@@ -156,30 +157,54 @@ def test_dockerfile_essentials() -> None:
         assert needed not in ignored
 
 
-def test_entrypoint_turns_env_into_flags(tmp_path: Path) -> None:
-    config = tmp_path / "dnschaos.yaml"
-    config.write_text("{}\n")
+def test_entrypoint_passes_only_the_arguments_given(tmp_path: Path) -> None:
+    """The proxy reads DNSCHAOS_* itself (tests/unit/test_settings_env.py), so
+    a variable never turns into a flag that would beat the user's own."""
     env = {"PATH": os.environ["PATH"], "DNSCHAOS_COMMAND": "echo",
-           "DNSCHAOS_CONFIG": str(config), "DNSCHAOS_LISTEN": "0.0.0.0:5353",
-           "DNSCHAOS_UPSTREAMS": "10.0.0.2, 10.0.0.3:53", "DNSCHAOS_ADMIN": "0.0.0.0:5380",
-           "DNSCHAOS_ALLOW": "10.0.0.0/8,172.28.0.0/24", "DNSCHAOS_SCENARIO": "/s/a.yaml",
-           "DNSCHAOS_TIME_SCALE": "0.1", "DNSCHAOS_LOG_LEVEL": "debug"}
+           "DNSCHAOS_LISTEN": "0.0.0.0:1053", "DNSCHAOS_ADMIN_LISTEN": "0.0.0.0:5380"}
     out = run("sh", str(DOCKER / "entrypoint.sh"), "--policy", "random", env=env)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [
-        "run", "--config", str(config), "--listen", "0.0.0.0:5353",
-        "--upstream", "10.0.0.2", "--upstream", "10.0.0.3:53", "--admin", "0.0.0.0:5380",
-        "--allow", "10.0.0.0/8", "--allow", "172.28.0.0/24", "--scenario", "/s/a.yaml",
-        "--time-scale", "0.1", "--log-level", "debug", "--policy", "random"]
-    # Nothing set, no config file: just `dnschaos run`.
-    bare = run("sh", str(DOCKER / "entrypoint.sh"),
-               env={"PATH": os.environ["PATH"], "DNSCHAOS_COMMAND": "echo",
-                    "DNSCHAOS_CONFIG": str(tmp_path / "missing.yaml")})
-    assert bare.stdout.split() == ["run"]
-    # The flags it produces are ones `dnschaos run` knows.
-    from proxy.cli import build_parser
+    assert out.returncode == 0 and not out.stderr, out.stderr
+    assert out.stdout.split() == ["run", "--policy", "random"]
+    # The old name is refused out loud, not silently.
+    old = run("sh", str(DOCKER / "entrypoint.sh"),
+              env={**env, "DNSCHAOS_ADMIN_LISTEN": "", "DNSCHAOS_ADMIN": "0.0.0.0:5380"})
+    assert old.stdout.split() == ["run"] and "DNSCHAOS_ADMIN_LISTEN" in old.stderr
 
-    build_parser().parse_args(out.stdout.split())
+
+def test_the_image_environment_sets_no_option() -> None:
+    """An ENV default would override the config file mounted over the image's:
+    the image's defaults are in docker/defaults.yaml, copied to DNSCHAOS_CONFIG."""
+    from proxy.cli import ENV_SETTINGS, build_parser, load_settings
+
+    text = (DOCKER / "Dockerfile").read_text().replace("\\\n", " ")
+    env = dict(pair.split("=", 1) for line in re.findall(r"^ENV (.*)$", text, re.MULTILINE)
+               for pair in line.split())
+    assert not set(env) & set(ENV_SETTINGS), env
+    assert f"COPY docker/defaults.yaml {env['DNSCHAOS_CONFIG']}" in text
+    image = load_settings(build_parser().parse_args(["run"]),
+                          {"DNSCHAOS_CONFIG": str(DOCKER / "defaults.yaml")})
+    assert image.listen == ["0.0.0.0:1053"] and image.admin == "0.0.0.0:5380"
+    exposed = set(re.search(r"^EXPOSE (.*)$", text, re.MULTILINE).group(1).split())
+    assert exposed == {"1053/udp", "1053/tcp", "5380/tcp"}
+
+
+def test_healthcheck_finds_the_admin_listener_as_the_proxy_does(start_proxy, tmp_path) -> None:
+    proxy = start_proxy()
+    admin = "%s:%d" % proxy.admin
+    script = str(DOCKER / "healthcheck.py")
+    base = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)}
+
+    def check(**env: str) -> int:
+        return run(sys.executable, script, env={**base, **env}).returncode
+
+    config = tmp_path / "dnschaos.yaml"
+    config.write_text(f'admin: "{admin}"\n')
+    assert check(DNSCHAOS_CONFIG=str(config)) == 0  # from the file
+    assert check(DNSCHAOS_ADMIN_LISTEN=admin) == 0  # from the environment
+    wildcard = "0.0.0.0:%d" % proxy.admin[1]
+    assert check(DNSCHAOS_ADMIN_LISTEN=wildcard) == 0  # asked on loopback
+    closed = "127.0.0.1:%d" % free_port()
+    assert check(DNSCHAOS_CONFIG=str(config), DNSCHAOS_ADMIN_LISTEN=closed) == 1
 
 
 # --- Grafana and Prometheus -------------------------------------------------------------

@@ -40,7 +40,7 @@ server:
     verbosity: 1
     log-queries: no
     num-threads: 1
-    so-reuseport: no
+    so-reuseport: {reuseport}
     module-config: "iterator"
     access-control: 127.0.0.0/8 allow
     access-control: ::1/128 allow
@@ -100,8 +100,11 @@ class Unbound(Endpoint):
 
     host = "127.0.0.1"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, reuseport: bool = False) -> None:
+        """reuseport: unbound's `so-reuseport: yes` (its default), which lets
+        another program's SO_REUSEPORT socket join its port."""
         self.directory = Path(directory)
+        self.reuseport = reuseport
         self.ipv6 = ipv6_loopback_available()
         self.signed = False
         self.port = 0
@@ -140,6 +143,7 @@ class Unbound(Endpoint):
                 port=self.port, dir=self.directory, origin=zone.ORIGIN, zonefile=zonefile,
                 ipv6_interface=f"    interface: ::1@{self.port}" if self.ipv6 else "",
                 do_ip6="yes" if self.ipv6 else "no",
+                reuseport="yes" if self.reuseport else "no",
             ))
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(
