@@ -25,9 +25,11 @@ RA = 0x80  # byte 3
 RCODE_MASK = 0x0F  # byte 3
 
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+BADVERS = 16  # extended: the upper 8 bits go in the OPT record
 
 OPT = 41
 EDNS_UDP_SIZE = 1232  # the DNS flag day 2020 default
+UDP_MIN = 512  # RFC 1035 4.2.1: what every UDP client takes; RFC 6891 6.2.5: smaller EDNS sizes mean this
 
 _QDCOUNT_ONE = b"\x00\x01"
 
@@ -196,6 +198,45 @@ def find_opt(data: bytes, qend: int) -> bytes | None:
     except (IndexError, ValueError, struct.error):
         return None
     return None
+
+
+def opt_fields(opt: bytes) -> tuple[int, int, int]:
+    """(UDP payload size, extended rcode bits, version) of an OPT record as
+    `find_opt` returns it (whole, so the fixed fields are there)."""
+    size, ext_rcode, version = struct.unpack_from("!2xHBB", opt, skip_name(opt, 0))
+    return size, ext_rcode, version
+
+
+def edns_version(data: bytes, qend: int) -> int | None:
+    """The EDNS version of a query's OPT record; None without one."""
+    opt = find_opt(data, qend)
+    return opt_fields(opt)[2] if opt is not None else None
+
+
+def udp_limit(data: bytes, qend: int) -> int:
+    """The largest UDP reply a query's sender takes: 512 bytes without EDNS,
+    else its EDNS UDP payload size, but never below 512 (RFC 6891 6.2.5)."""
+    opt = find_opt(data, qend)
+    return UDP_MIN if opt is None else max(UDP_MIN, opt_fields(opt)[0])
+
+
+def fit_udp(reply: bytes, query: bytes, qend: int) -> bytes:
+    """A reply the proxy built, as it may go to the query's UDP sender:
+    unchanged when it fits `udp_limit`, else truncated (RFC 1035 4.2.1):
+    TC=1, the header and the query's question, the reply's OPT record if
+    it has one, and no other records (RFC 2181 9: a truncated reply should
+    not carry part of an RRset, so it carries none).  The client retries
+    over TCP and gets the whole reply there."""
+    if len(reply) <= UDP_MIN or len(reply) <= udp_limit(query, qend):
+        return reply
+    opt = b""
+    try:
+        opt = find_opt(reply, skip_name(reply, HEADER_LEN) + 4) or b""
+    except (IndexError, ValueError):
+        pass  # not ours to mend: it goes out without the OPT
+    header = reply[:2] + bytes((reply[2] | TC, reply[3])) + struct.pack(
+        "!HHHH", 1, 0, 0, 1 if opt else 0)
+    return header + query[HEADER_LEN:qend] + opt
 
 
 def skip_name(data: bytes, pos: int) -> int:
