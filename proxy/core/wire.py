@@ -224,10 +224,13 @@ def fit_udp(reply: bytes, query: bytes, qend: int) -> bytes:
     """A reply the proxy built, as it may go to the query's UDP sender:
     unchanged when it fits `udp_limit`, else truncated (RFC 1035 4.2.1):
     TC=1, the header and the query's question, the reply's OPT record if
-    it has one, and no other records (RFC 2181 9: a truncated reply should
+    it has one (without its options if they do not fit), and no other records (RFC 2181 9: a truncated reply should
     not carry part of an RRset, so it carries none).  The client retries
     over TCP and gets the whole reply there."""
-    if len(reply) <= UDP_MIN or len(reply) <= udp_limit(query, qend):
+    if len(reply) <= UDP_MIN:
+        return reply
+    limit = udp_limit(query, qend)
+    if len(reply) <= limit:
         return reply
     opt = b""
     try:
@@ -236,7 +239,10 @@ def fit_udp(reply: bytes, query: bytes, qend: int) -> bytes:
         pass  # not ours to mend: it goes out without the OPT
     header = reply[:2] + bytes((reply[2] | TC, reply[3])) + struct.pack(
         "!HHHH", 1, 0, 0, 1 if opt else 0)
-    return header + query[HEADER_LEN:qend] + opt
+    out = header + query[HEADER_LEN:qend] + opt
+    if len(out) > limit:  # options too long (a long EDE text): keep the OPT's fixed fields only
+        out = out[: len(out) - len(opt)] + opt[: skip_name(opt, 0) + 8] + b"\x00\x00"
+    return out
 
 
 def skip_name(data: bytes, pos: int) -> int:

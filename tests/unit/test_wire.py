@@ -244,3 +244,16 @@ def test_fit_udp_keeps_the_rcode_and_the_replys_own_opt():
     assert message.flags & dns.flags.TC
     assert message.rcode() == dns.rcode.BADVERS and not message.answer
     assert [(o.code, o.text) for o in message.options] == [(22, "cut")]
+
+
+def test_fit_udp_drops_options_that_do_not_fit_but_keeps_the_opt():
+    data, qend = edns_query(0, 512, name="big.example.test", want_dnssec=True)
+    reply = dns.message.from_wire(data)
+    response = dns.message.make_response(reply)
+    response.use_edns(0, dns.flags.DO, options=[dns.edns.EDEOption(22, "x" * 600)])
+    response.set_rcode(dns.rcode.BADVERS)
+    fitted = wire.fit_udp(response.to_wire(max_size=65535), data, qend)
+    assert len(fitted) <= 512
+    message = dns.message.from_wire(fitted)
+    assert message.flags & dns.flags.TC and message.rcode() == dns.rcode.BADVERS
+    assert message.edns == 0 and message.ednsflags & dns.flags.DO and not message.options
