@@ -48,6 +48,12 @@ client (the rest fold into the name "other").
 
 Faults fail open: an exception in a fault is counted in the rule's `errors`
 and the query is forwarded unchanged (or the answer passed through).
+
+Replies built here go out in a size the client takes: every Reply for a UDP
+query, and every answer a response fault made longer, passes through
+`wire.fit_udp` (TC=1 and the question only when too big).  A query whose
+EDNS version is above 0 gets BADVERS instead of its rule's fault, as from a
+real server, and counts nowhere in the rule (RFC 6891 6.1.3).
 """
 
 from __future__ import annotations

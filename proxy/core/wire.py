@@ -3,7 +3,8 @@
 The forwarder never decodes a whole message on the hot path.  It reads the
 12-byte header, walks the single question's labels to find where the
 question ends, and copies bytes.  Replies that the proxy makes itself
-(REFUSED, SERVFAIL, FORMERR, NOTIMP) are also built from the query's bytes.
+(REFUSED, SERVFAIL, FORMERR, NOTIMP) are also built from the query's bytes,
+and replies a fault builds are cut to the client's UDP size (`fit_udp`).
 A full dnslib decode happens only where a fault needs one.
 """
 
@@ -29,7 +30,8 @@ BADVERS = 16  # extended: the upper 8 bits go in the OPT record
 
 OPT = 41
 EDNS_UDP_SIZE = 1232  # the DNS flag day 2020 default
-UDP_MIN = 512  # RFC 1035 4.2.1: what every UDP client takes; RFC 6891 6.2.5: smaller EDNS sizes mean this
+# What every UDP client takes (RFC 1035 4.2.1); smaller EDNS sizes count as this (RFC 6891 6.2.5).
+UDP_MIN = 512
 
 _QDCOUNT_ONE = b"\x00\x01"
 
@@ -223,10 +225,10 @@ def udp_limit(data: bytes, qend: int) -> int:
 def fit_udp(reply: bytes, query: bytes, qend: int) -> bytes:
     """A reply the proxy built, as it may go to the query's UDP sender:
     unchanged when it fits `udp_limit`, else truncated (RFC 1035 4.2.1):
-    TC=1, the header and the query's question, the reply's OPT record if
-    it has one (without its options if they do not fit), and no other records (RFC 2181 9: a truncated reply should
-    not carry part of an RRset, so it carries none).  The client retries
-    over TCP and gets the whole reply there."""
+    TC=1, the header and the query's question, the reply's OPT record if it
+    has one (without its options if they do not fit), and no other records
+    (RFC 2181 9: a truncated reply should not carry part of an RRset, so it
+    carries none).  The client retries over TCP and gets the whole reply."""
     if len(reply) <= UDP_MIN:
         return reply
     limit = udp_limit(query, qend)
@@ -240,7 +242,7 @@ def fit_udp(reply: bytes, query: bytes, qend: int) -> bytes:
     header = reply[:2] + bytes((reply[2] | TC, reply[3])) + struct.pack(
         "!HHHH", 1, 0, 0, 1 if opt else 0)
     out = header + query[HEADER_LEN:qend] + opt
-    if len(out) > limit:  # options too long (a long EDE text): keep the OPT's fixed fields only
+    if opt and len(out) > limit:  # options too long (a long EDE): only the OPT's fixed fields
         out = out[: len(out) - len(opt)] + opt[: skip_name(opt, 0) + 8] + b"\x00\x00"
     return out
 

@@ -17,7 +17,7 @@ import dns.rcode
 import pytest
 
 from support import zone
-from support.dnsutil import addresses, assert_same_reply, dig
+from support.dnsutil import addresses, assert_same_reply, dig, make_query, udp_raw
 from support.faults_support import ask, assert_unaffected, ede_of, injected, matched, rule, \
     write_scenario
 
@@ -112,6 +112,7 @@ def test_an_ede_too_long_for_the_buffer_goes_out_truncated_without_options(proxy
 
 def test_edns_version_1_to_a_faulted_name_gets_unbounds_badvers(proxy, unbound):
     before = (injected(proxy, "nx"), matched(proxy, "nx"), injected(proxy, "spoof40"))
+    answered = proxy.metric("dnschaos_faulted_queries_total")
     for name in (NX, SPOOF40):
         for transport in ("udp", "tcp"):
             for do in (False, True):
@@ -119,6 +120,11 @@ def test_edns_version_1_to_a_faulted_name_gets_unbounds_badvers(proxy, unbound):
                 direct = ask(unbound, name, edns=1, do=do, transport=transport)
                 assert direct.rcode() == dns.rcode.BADVERS  # unbound's, for comparison
                 assert_same_reply(through, direct, context=f"{name} {transport} do={do}")
+    # Byte for byte but the ID, the question's letter case kept.
+    query = make_query("HoSt143.ExAmple.TEST.", "A", edns=1, do=True, cd=True)
+    raw_through = udp_raw(query.to_wire(), proxy.host, proxy.port)
+    raw_direct = udp_raw(query.to_wire(), unbound.host, unbound.port)
+    assert raw_through == raw_direct and raw_through[:2] == query.to_wire()[:2]
     # dig sees the same header and OPT from both.
     got = _dig(proxy, NX, "+edns=1", "+noednsnegotiation")
     want = dig(NX, "A", "+edns=1", "+noednsnegotiation", server=unbound.host, port=unbound.port)
@@ -127,6 +133,7 @@ def test_edns_version_1_to_a_faulted_name_gets_unbounds_badvers(proxy, unbound):
     assert_same_reply(got.message, want.message)
     # Not faulted, so not counted.
     assert (injected(proxy, "nx"), matched(proxy, "nx"), injected(proxy, "spoof40")) == before
+    assert proxy.metric("dnschaos_faulted_queries_total") == answered + 8 + 1 + 1  # by the proxy
     # dig's default: on BADVERS it retries with version 0, which gets the fault.
     retried = _dig(proxy, NX, "+edns=1")
     assert "BADVERS, retrying with EDNS version 0" in retried.stdout
