@@ -52,6 +52,12 @@ run stops or pauses, and leave every other run's alone.
 
 Faults fail open: an exception in a fault is counted in the rule's `errors`
 and the query is forwarded unchanged (or the answer passed through).
+
+Replies built here go out in a size the client takes: every Reply for a UDP
+query, and every answer a response fault made longer, passes through
+`wire.fit_udp` (TC=1 and the question only when too big).  A query whose
+EDNS version is above 0 gets BADVERS instead of its rule's fault, as from a
+real server, and counts nowhere in the rule (RFC 6891 6.1.3).
 """
 
 from __future__ import annotations
@@ -63,14 +69,14 @@ from dataclasses import dataclass, field
 from random import Random
 from typing import Any
 
-from proxy.core.faults import Fault, PhaseState, Stale, build_fault
+from proxy.core import wire
+from proxy.core.faults import Fault, PhaseState, Stale, build_fault, empty_reply
 from proxy.core.model import Limit, Rule, Scenario
 from proxy.core.query import QueryView
 from proxy.core.rule_index import RuleIndex
 from proxy.core.selectors import Selector
 from proxy.core.stale import StaleStore
-from proxy.core.verdict import Forward, Verdict
-from proxy.core.wire import under_zones
+from proxy.core.verdict import Forward, Reply, Verdict
 
 ADHOC = "adhoc"
 
@@ -274,7 +280,7 @@ class Screen:
         """Whether a live rule may select a query for this name (lower-cased
         wire form); False: the query can go upstream unseen."""
         return (not self.usable or wire_name in self.names
-                or (bool(self.zones) and under_zones(wire_name, self.zones)))
+                or (bool(self.zones) and wire.under_zones(wire_name, self.zones)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -634,6 +640,10 @@ class Engine:
                 return _RECORD_ONLY
             if record and isinstance(verdict, Forward):
                 return Forward(verdict.delay, _RECORD_ONLY.respond, held)
+            if type(verdict) is Reply and q.transport == "udp":
+                fitted = wire.fit_udp(verdict.wire, q.wire, q.qend)
+                if fitted is not verdict.wire:
+                    verdict = Reply(fitted, verdict.delay)
             if held is not None:
                 return dataclasses.replace(verdict, run=held)  # type: ignore[arg-type]
             return verdict
@@ -656,6 +666,11 @@ class Engine:
 
     def _apply(self, rule: CompiledRule, q: QueryView, t: float, now: float, rng: Random,
                state: PhaseState) -> Verdict | None:
+        if wire.edns_version(q.wire, q.qend):
+            # An EDNS version we do not speak: a real server answers BADVERS
+            # before looking at the question (RFC 6891 6.1.3), so the fault
+            # is not applied and nothing is counted.
+            return Reply(empty_reply(q, wire.BADVERS))
         rule.counters.matched += 1
         try:
             verdict = rule.fault.apply(q, t, rng, state)
@@ -702,29 +717,33 @@ class Engine:
         else:
             names[OTHER] = names.get(OTHER, 0) + 1
 
-    def on_response(self, q: QueryView, verdict: Forward, wire: bytes, now: float,
+    def on_response(self, q: QueryView, verdict: Forward, answer: bytes, now: float,
                     rng: Random) -> bytes | None:
-        """The bytes to send for the upstream's answer `wire` (None: drop)."""
+        """The bytes to send for the upstream's answer (None: drop)."""
         job = verdict.respond
         if not isinstance(job, _Respond):
-            return wire
+            return answer
         if job.record:
             try:
-                self.store.record((q.qname, q.qtype), wire)
+                self.store.record((q.qname, q.qtype), answer)
             except Exception:  # noqa: BLE001 - fail open, whatever the bug
                 self._failed(None, "recording an answer")
         if job.fault is None:
-            return wire
+            return answer
         run = job.run
         if run is not None and not run.live:
-            return wire  # stopped (or paused) since the query went out: no fault any more
+            return answer  # stopped (or paused) since the query went out: no fault any more
         try:
             t = now - run.shift if run is not None else now
             draw = (run.rng if run is not None else None) or rng
-            return job.fault.respond(q, wire, t, draw, job.phase or PhaseState())
+            out = job.fault.respond(q, answer, t, draw, job.phase or PhaseState())
+            if out is not None and len(out) > len(answer) and q.transport == "udp":
+                # Rewritten longer than the upstream sized it for this client.
+                out = wire.fit_udp(out, q.wire, q.qend)
+            return out
         except Exception:  # noqa: BLE001 - fail open, whatever the bug
             self._failed(job.rule, "an answer")
-            return wire
+            return answer
 
     # --- reading ------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ Negative answers (nxdomain, nodata) carry an SOA in the authority section
 whose TTL and MINIMUM are `negative_ttl` (RFC 2308).  Its owner defaults to
 the query name's parent zone, written as a compression pointer into the
 question, so these replies are built from raw bytes without dnslib.
+Replies are built whole; the engine truncates them for UDP clients that
+cannot take that much (wire.fit_udp).
 """
 
 from __future__ import annotations

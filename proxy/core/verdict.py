@@ -48,7 +48,7 @@ class Forward:
     """Seconds to wait before forwarding."""
     respond: Any = None
     """When not None, the transport passes the upstream's answer to
-    `Engine.on_response(query, verdict, wire, now, rng)` and sends what that
+    `Engine.on_response(query, verdict, answer, now, rng)` and sends what that
     returns (None: drop).  Opaque to the transport."""
     run: str | None = None
     """The id of the run that holds the query in the delay (set by the engine

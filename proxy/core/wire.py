@@ -3,7 +3,8 @@
 The forwarder never decodes a whole message on the hot path.  It reads the
 12-byte header, walks the single question's labels to find where the
 question ends, and copies bytes.  Replies that the proxy makes itself
-(REFUSED, SERVFAIL, FORMERR, NOTIMP) are also built from the query's bytes.
+(REFUSED, SERVFAIL, FORMERR, NOTIMP) are also built from the query's bytes,
+and replies a fault builds are cut to the client's UDP size (`fit_udp`).
 A full dnslib decode happens only where a fault needs one.
 """
 
@@ -25,9 +26,12 @@ RA = 0x80  # byte 3
 RCODE_MASK = 0x0F  # byte 3
 
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+BADVERS = 16  # extended: the upper 8 bits go in the OPT record
 
 OPT = 41
 EDNS_UDP_SIZE = 1232  # the DNS flag day 2020 default
+# What every UDP client takes (RFC 1035 4.2.1); smaller EDNS sizes count as this (RFC 6891 6.2.5).
+UDP_MIN = 512
 
 _QDCOUNT_ONE = b"\x00\x01"
 
@@ -196,6 +200,51 @@ def find_opt(data: bytes, qend: int) -> bytes | None:
     except (IndexError, ValueError, struct.error):
         return None
     return None
+
+
+def opt_fields(opt: bytes) -> tuple[int, int, int]:
+    """(UDP payload size, extended rcode bits, version) of an OPT record as
+    `find_opt` returns it (whole, so the fixed fields are there)."""
+    size, ext_rcode, version = struct.unpack_from("!2xHBB", opt, skip_name(opt, 0))
+    return size, ext_rcode, version
+
+
+def edns_version(data: bytes, qend: int) -> int | None:
+    """The EDNS version of a query's OPT record; None without one."""
+    opt = find_opt(data, qend)
+    return opt_fields(opt)[2] if opt is not None else None
+
+
+def udp_limit(data: bytes, qend: int) -> int:
+    """The largest UDP reply a query's sender takes: 512 bytes without EDNS,
+    else its EDNS UDP payload size, but never below 512 (RFC 6891 6.2.5)."""
+    opt = find_opt(data, qend)
+    return UDP_MIN if opt is None else max(UDP_MIN, opt_fields(opt)[0])
+
+
+def fit_udp(reply: bytes, query: bytes, qend: int) -> bytes:
+    """A reply the proxy built, as it may go to the query's UDP sender:
+    unchanged when it fits `udp_limit`, else truncated (RFC 1035 4.2.1):
+    TC=1, the header and the query's question, the reply's OPT record if it
+    has one (without its options if they do not fit), and no other records
+    (RFC 2181 9: a truncated reply should not carry part of an RRset, so it
+    carries none).  The client retries over TCP and gets the whole reply."""
+    if len(reply) <= UDP_MIN:
+        return reply
+    limit = udp_limit(query, qend)
+    if len(reply) <= limit:
+        return reply
+    opt = b""
+    try:
+        opt = find_opt(reply, skip_name(reply, HEADER_LEN) + 4) or b""
+    except (IndexError, ValueError):
+        pass  # not ours to mend: it goes out without the OPT
+    header = reply[:2] + bytes((reply[2] | TC, reply[3])) + struct.pack(
+        "!HHHH", 1, 0, 0, 1 if opt else 0)
+    out = header + query[HEADER_LEN:qend] + opt
+    if opt and len(out) > limit:  # options too long (a long EDE): only the OPT's fixed fields
+        out = out[: len(out) - len(opt)] + opt[: skip_name(opt, 0) + 8] + b"\x00\x00"
+    return out
 
 
 def skip_name(data: bytes, pos: int) -> int:

@@ -383,3 +383,151 @@ def test_stats_and_describe() -> None:
         "outage: down: suffix example.com -> SERVFAIL",
         "tail: tail/0: name x.example.com -> REFUSED",
     ]
+
+
+# --- the size of replies built for UDP clients (RFC 1035 4.2.1, RFC 6891 6.2.5) ------------
+
+
+FORTY = [f"192.0.2.{i}" for i in range(1, 41)]
+
+
+def edns_query(name: str = "www.example.com", qtype: str = "A", *, edns: int | None = None,
+               payload: int = 1232, transport: str = "udp", do: bool = False,
+               cd: bool = False) -> QueryView:
+    if edns is None:
+        message = dns.message.make_query(name, qtype, use_edns=False)
+    else:
+        message = dns.message.make_query(name, qtype, use_edns=edns, payload=payload,
+                                         want_dnssec=do)
+    if cd:
+        message.flags |= dns.flags.CD
+    return QueryView.parse(message.to_wire(), "192.0.2.10", transport, "127.0.0.1:53")
+
+
+def big_answer(q: QueryView, count: int = 40) -> bytes:
+    """An upstream-style answer with `count` A records."""
+    answer = DNSRecord.parse(q.wire).reply()
+    for address in FORTY[:count]:
+        answer.add_answer(*RR.fromZone(f"{q.qname}. 300 A {address}"))
+    return bytes(answer.pack())
+
+
+def reply_of(verdict: Any) -> dns.message.Message:
+    assert isinstance(verdict, Reply), verdict
+    return dns.message.from_wire(verdict.wire)
+
+
+BIG_REPLIES = {
+    "spoof": {"type": "spoof", "a": FORTY},
+    "delay-then-spoof": {"type": "delay", "delay": "2s", "then": {"type": "spoof", "a": FORTY}},
+    "flap-spoof": {"type": "flap", "period": "10s", "duty": 1.0,
+                   "fault": {"type": "spoof", "a": FORTY}},
+    "stale": {"type": "stale", "source": "last"},
+    "nxdomain-long-ede": {"type": "nxdomain", "ede": {"code": 22, "text": "x" * 700}},
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BIG_REPLIES))
+@pytest.mark.parametrize("edns, payload, transport, truncated", [
+    (None, 0, "udp", True),  # no EDNS: 512 bytes
+    (0, 512, "udp", True),
+    (0, 100, "udp", True),  # below 512 counts as 512
+    (0, 1232, "udp", False),
+    (0, 4096, "udp", False),
+    (None, 0, "tcp", False),  # TCP takes it whole
+    (0, 512, "tcp", False),
+])
+def test_replies_the_proxy_builds_fit_the_udp_client(fault, edns, payload, transport, truncated):
+    engine = Engine()
+    engine.set_rules(rules({"match": {"suffix": "example.com"}, "fault": BIG_REPLIES[fault]}), 0.0)
+    q = edns_query(edns=edns, payload=payload, transport=transport)
+    engine.store.record((q.qname, q.qtype), big_answer(q))  # what `stale` serves
+    verdict = engine.on_query(q, 1.0, random.Random(1))
+    reply = reply_of(verdict)
+    small = fault == "nxdomain-long-ede" and edns is None  # no OPT, so no EDE: small
+    truncated = truncated and not small
+    assert bool(reply.flags & dns.flags.TC) == truncated, reply
+    assert truncated or small or len(verdict.wire) > 512  # whole, and over 512 bytes
+    assert verdict.delay == (2.0 if fault == "delay-then-spoof" else 0.0)
+    if truncated:
+        assert len(verdict.wire) <= 512
+        assert not reply.answer and not reply.authority and reply.question
+        assert reply.edns == (-1 if edns is None else 0)
+    elif fault != "nxdomain-long-ede":
+        assert len(reply.answer[0]) == 40
+    assert engine.stats()[0]["injected"] == 1
+
+
+def test_a_small_reply_is_not_truncated_over_udp():
+    engine = Engine()
+    engine.set_rules(rules({"fault": {"type": "spoof", "a": FORTY[:2]}}), 0.0)
+    for edns in (None, 0):
+        reply = reply_of(engine.on_query(edns_query(edns=edns, payload=512), 1.0,
+                                         random.Random(1)))
+        assert not reply.flags & dns.flags.TC and len(reply.answer[0]) == 2
+
+
+@pytest.mark.parametrize("grow, transport, truncated", [
+    (400, "udp", True),  # rewritten past the client's 512 bytes
+    (100, "udp", False),  # longer, but it still fits
+    (400, "tcp", False),
+    (0, "udp", False),  # not longer: left as it is, even over 512
+])
+def test_answers_rewritten_longer_fit_the_udp_client(grow, transport, truncated):
+    engine = Engine()
+    engine.set_rules(rules({"fault": {"type": "ttl", "set": 5}}), 0.0)
+    (rule,) = engine.rules()
+    q = edns_query(transport=transport)
+    answer = big_answer(q, 20 if grow else 40)
+    rewritten = big_answer(q, 20 + grow // 16) if grow else answer
+    rule.fault.respond = lambda *args: rewritten  # type: ignore[method-assign]
+    verdict = engine.on_query(q, 1.0, random.Random(1))
+    out = engine.on_response(q, verdict, answer, 1.0, random.Random(1))
+    if truncated:
+        message = dns.message.from_wire(out)
+        assert message.flags & dns.flags.TC and not message.answer and len(out) <= 512
+    else:
+        assert out == rewritten
+
+
+# --- EDNS versions the proxy does not speak (RFC 6891 6.1.3) --------------------------------
+
+
+@pytest.mark.parametrize("fault", ["spoof", "nxdomain", "servfail", "truncate", "drop",
+                                   {"type": "delay", "delay": "1s"}, {"type": "ttl", "set": 5},
+                                   {"type": "corrupt", "mode": "random"}, "stale"])
+def test_edns_version_above_0_gets_badvers_instead_of_the_fault(fault):
+    engine = Engine()
+    engine.set_rules(rules({"match": {"suffix": "example.com"}, "fault": fault}), 0.0)
+    q = edns_query(edns=1, do=True, cd=True)
+    reply = reply_of(engine.on_query(q, 1.0, random.Random(1)))
+    # What unbound answers to `dig +edns=1 +noednsnegotiation`.
+    assert reply.rcode() == dns.rcode.BADVERS and q.wire[3] & 0x0F == 0
+    assert reply.id == dns.message.from_wire(q.wire).id
+    assert reply.flags & dns.flags.QR and reply.flags & dns.flags.RA
+    assert reply.flags & dns.flags.RD and reply.flags & dns.flags.CD
+    assert not reply.flags & (dns.flags.AA | dns.flags.TC)
+    assert reply.question == dns.message.from_wire(q.wire).question
+    assert not reply.answer and not reply.authority
+    assert reply.edns == 0 and reply.payload == 1232 and reply.ednsflags & dns.flags.DO
+    assert not reply.options
+    # Not faulted, so not counted.
+    assert engine.stats()[0]["matched"] == engine.stats()[0]["injected"] == 0
+    assert engine.client_stats() == []
+    # Version 0 and no EDNS get the fault (`stale` its fallback); another
+    # name goes upstream untouched.
+    for edns in (0, None):
+        engine.on_query(edns_query(edns=edns), 1.0, random.Random(1))
+    assert engine.stats()[0]["injected"] == 2
+    assert engine.on_query(edns_query("www.example.org", edns=1), 1.0, random.Random(1)) is None
+
+
+def test_badvers_does_not_use_up_a_limit_or_count_in_a_dry_run():
+    engine = Engine()
+    engine.set_rules(rules({"fault": "nxdomain", "limit": {"count": 1}}), 0.0)
+    engine.add_rule("watch", Rule.model_validate({"fault": "servfail"}), 0.0, dry_run=True)
+    assert reply_of(engine.on_query(edns_query(edns=1), 1.0, random.Random(1))).rcode() \
+        == dns.rcode.BADVERS
+    assert reply_of(engine.on_query(edns_query(edns=0), 1.0, random.Random(1))).rcode() \
+        == dns.rcode.NXDOMAIN
+    assert [(s["matched"], s["injected"]) for s in engine.stats()] == [(1, 1), (1, 1)]

@@ -152,3 +152,108 @@ def test_under_zones_is_on_label_boundaries():
     assert not wire.under_zones(wire.name_to_wire("xexample.com"), zones)
     assert not wire.under_zones(wire.name_to_wire("com"), zones)
     assert not wire.under_zones(b"\x00", zones)  # the root
+
+
+# --- EDNS fields and the UDP size of replies the proxy builds ---------------------------
+
+
+def edns_query(edns: int | None = 0, payload: int = 1232, name: str = "www.Example.test",
+               **kwargs) -> tuple[bytes, int]:
+    if edns is None:
+        q = dns.message.make_query(name, "TXT", use_edns=False)
+    else:
+        q = dns.message.make_query(name, "TXT", use_edns=edns, payload=payload, **kwargs)
+    data = q.to_wire()
+    return data, wire.question_end(data)
+
+
+@pytest.mark.parametrize("edns, payload, limit, version", [
+    (None, 0, 512, None),  # no EDNS: RFC 1035's 512 bytes
+    (0, 1232, 1232, 0),
+    (0, 4096, 4096, 0),
+    (0, 512, 512, 0),
+    (0, 100, 512, 0),  # below 512 counts as 512 (RFC 6891 6.2.5)
+    (0, 0, 512, 0),
+    (1, 1400, 1400, 1),
+    (255, 65535, 65535, 255),
+])
+def test_udp_limit_and_edns_version(edns, payload, limit, version):
+    data, qend = edns_query(edns, payload)
+    assert wire.udp_limit(data, qend) == limit
+    assert wire.edns_version(data, qend) == version
+
+
+def sized_reply(data: bytes, size: int, *, rcode: int = 0, ede: str | None = None) -> bytes:
+    """A reply to the query `data` of exactly `size` bytes: one TXT record
+    padded to fit, the query's EDNS echoed (plus an EDE when asked)."""
+    q = dns.message.from_wire(data)
+
+    def build(strings: list[int]) -> bytes:
+        reply = dns.message.make_response(q)
+        if ede is not None:
+            reply.use_edns(0, options=[dns.edns.EDEOption(22, ede)])
+        reply.set_rcode(rcode)
+        rdata = " ".join(f'"{"x" * n}"' for n in strings)
+        reply.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "TXT", rdata))
+        return reply.to_wire(max_size=65535)
+
+    strings = [0]
+    for _ in range(size - len(build(strings))):  # each byte: a character or a new string
+        if strings[-1] < 255:
+            strings[-1] += 1
+        else:
+            strings.append(0)
+    out = build(strings)
+    assert len(out) == size
+    return out
+
+
+@pytest.mark.parametrize("edns, payload, size, truncated", [
+    (None, 0, 512, False),  # exactly the limit fits
+    (None, 0, 513, True),
+    (0, 512, 512, False),
+    (0, 512, 513, True),
+    (0, 100, 512, False),  # 100 counts as 512
+    (0, 100, 513, True),
+    (0, 1232, 1232, False),
+    (0, 1232, 1233, True),
+    (0, 4096, 1500, False),
+    (0, 4096, 4097, True),
+])
+def test_fit_udp_truncates_only_what_the_client_cannot_take(edns, payload, size, truncated):
+    data, qend = edns_query(edns, payload)
+    reply = sized_reply(data, size)
+    fitted = wire.fit_udp(reply, data, qend)
+    if not truncated:
+        assert fitted is reply
+        return
+    message = dns.message.from_wire(fitted)
+    assert message.flags & dns.flags.TC and message.flags & dns.flags.QR
+    assert message.id == dns.message.from_wire(data).id
+    assert not message.answer and not message.authority and not message.additional
+    assert fitted[12:qend] == data[12:qend]  # the question as sent, case kept
+    assert message.edns == (-1 if edns is None else 0)  # the OPT kept for EDNS clients only
+    assert len(fitted) <= 512
+
+
+def test_fit_udp_keeps_the_rcode_and_the_replys_own_opt():
+    data, qend = edns_query(None, name="big.example.test")
+    # An extended rcode needs the OPT even for a client without EDNS; an EDE rides along.
+    reply = sized_reply(data, 600, rcode=dns.rcode.BADVERS, ede="cut")
+    message = dns.message.from_wire(wire.fit_udp(reply, data, qend))
+    assert message.flags & dns.flags.TC
+    assert message.rcode() == dns.rcode.BADVERS and not message.answer
+    assert [(o.code, o.text) for o in message.options] == [(22, "cut")]
+
+
+def test_fit_udp_drops_options_that_do_not_fit_but_keeps_the_opt():
+    data, qend = edns_query(0, 512, name="big.example.test", want_dnssec=True)
+    reply = dns.message.from_wire(data)
+    response = dns.message.make_response(reply)
+    response.use_edns(0, dns.flags.DO, options=[dns.edns.EDEOption(22, "x" * 600)])
+    response.set_rcode(dns.rcode.BADVERS)
+    fitted = wire.fit_udp(response.to_wire(max_size=65535), data, qend)
+    assert len(fitted) <= 512
+    message = dns.message.from_wire(fitted)
+    assert message.flags & dns.flags.TC and message.rcode() == dns.rcode.BADVERS
+    assert message.edns == 0 and message.ednsflags & dns.flags.DO and not message.options
