@@ -1,9 +1,10 @@
 """The admin HTTP JSON API: scenarios, runs, ad hoc rules, reports.
 
 Served by the admin listener's aiohttp app in the proxy's own event loop
-(see docs/openapi.yaml for every route).  Reads are open; mutations (POST,
-DELETE) need `Authorization: Bearer TOKEN` when a token is configured, and
-each one, allowed or not, is written to the audit log.
+(see docs/openapi.yaml for every route).  Mutations (POST, DELETE) need
+`Authorization: Bearer TOKEN` when a token is configured, and each one,
+allowed or not, is written to the audit log; reads need it too when the
+admin listener is off loopback (see auth_middleware).
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
 
-def add_routes(app: web.Application, gameday: GameDay, audit: AuditLog,
-               token: str | None) -> None:
-    app.middlewares.append(_auth_middleware(audit, token))
+def add_routes(app: web.Application, gameday: GameDay, audit: AuditLog) -> None:
     app[GAMEDAY] = gameday
     app[AUDIT] = audit
     r = app.router
@@ -61,23 +60,44 @@ def who(request: web.Request) -> str:
     return f"{user} (token)" if request.get("authenticated") else user
 
 
-def _auth_middleware(audit: AuditLog, token: str | None) -> Any:
+OPEN = ("/health", "/metrics")
+
+
+def auth_middleware(audit: AuditLog | None, token: str | None, *, reads_need_token: bool,
+                    metrics_need_token: bool = False) -> Any:
+    """Which requests need `Authorization: Bearer TOKEN`: with a token,
+    mutations of the API always; with `reads_need_token` (admin listener off
+    loopback) every path but /health and /metrics; /metrics with
+    `metrics_need_token`.  Refused mutations are audited (refused reads are
+    not, so that a scraper without the token cannot fill the audit log)."""
+
+    def needs_token(request: web.Request) -> bool:
+        if token is None:
+            return False
+        if request.path == "/metrics":
+            return metrics_need_token
+        if request.path == "/health":
+            return False
+        return reads_need_token or (request.method in MUTATING
+                                    and request.path.startswith("/api/"))
+
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method in MUTATING and request.path.startswith("/api/"):
-            if token is not None:
-                given = request.headers.get("Authorization", "")
-                scheme, _, value = given.partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(
-                        value.strip().encode(), token.encode()):
+        if needs_token(request):
+            assert token is not None
+            given = request.headers.get("Authorization", "")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    value.strip().encode(), token.encode()):
+                if audit is not None and request.method in MUTATING:
                     audit.write(who=who(request), source=request.remote or "?",
                                 action=f"{request.method} {request.path}", result="denied: "
                                 + ("no token" if not given else "wrong token"))
-                    return web.json_response(
-                        {"error": "this needs Authorization: Bearer TOKEN "
-                                  "(the admin_token of the proxy)"},
-                        status=401, headers={"WWW-Authenticate": 'Bearer realm="dnschaos"'})
-                request["authenticated"] = True
+                return web.json_response(
+                    {"error": "this needs Authorization: Bearer TOKEN "
+                              "(the admin_token of the proxy)"},
+                    status=401, headers={"WWW-Authenticate": 'Bearer realm="dnschaos"'})
+            request["authenticated"] = True
         return await handler(request)
 
     return auth

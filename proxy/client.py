@@ -95,7 +95,9 @@ def add_client_commands(commands: Any) -> None:
     common.add_argument("--admin", default=None, metavar="URL",
                         help=f"the proxy's admin API (default ${ENV_ADMIN} or {DEFAULT_ADMIN})")
     common.add_argument("--token", default=None,
-                        help=f"bearer token for changes (default ${ENV_TOKEN})")
+                        help=f"bearer token, sent with every request: changes need it, and "
+                             f"reads too when the admin listener is off loopback "
+                             f"(default ${ENV_TOKEN})")
     common.add_argument("--json", action="store_true", help="print the API's JSON")
 
     scenario = commands.add_parser("scenario", help="list, start and stop scenarios (via the API)")

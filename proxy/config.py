@@ -15,6 +15,7 @@ from proxy.errors import ConfigError
 DEFAULT_LISTEN = "127.0.0.1:5353"
 DEFAULT_ADMIN = "127.0.0.1:5380"
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+MIN_TOKEN_LENGTH = 16
 
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 
@@ -103,9 +104,12 @@ class Settings(Base):
     max_run_duration: PositiveDuration = 4 * 3600.0
     """Hard cap on any run or ad hoc rule, whatever the scenario asks."""
     admin_token: str | None = None
-    """Bearer token the admin API requires for mutations (also from the
-    DNSCHAOS_ADMIN_TOKEN environment variable); mandatory when `admin` is
-    not a loopback address."""
+    """Bearer token of the admin API (also from the DNSCHAOS_ADMIN_TOKEN
+    environment variable), at least 16 characters.  Mandatory when `admin` is
+    not a loopback address; there every endpoint but /health and /metrics
+    needs it, reads too.  On loopback only mutations need it."""
+    metrics_auth: bool = False
+    """/metrics needs the admin token too (needs admin_token)."""
     audit_log: str | None = None
     """File the admin API appends one JSON line per mutation to (always logged too)."""
     report_dir: str | None = None
@@ -156,12 +160,28 @@ class Settings(Base):
     def _is_own_listener(self, upstream: str) -> bool:
         return upstream in self.listen
 
-    def check_admin_token(self) -> None:
-        """Refuse an admin listener off loopback without a token."""
-        if self.admin is None or self.admin_token:
-            return
+    def admin_on_loopback(self) -> bool:
+        """Whether only this machine can reach the admin listener.  A wildcard
+        address (0.0.0.0, ::) listens on every interface: not loopback."""
+        if self.admin is None:
+            return True
         host, _ = split_hostport(self.admin, 5380)
-        if not ipaddress.ip_address(host).is_loopback:
+        return ipaddress.ip_address(host).is_loopback
+
+    def check_admin_token(self) -> None:
+        """Refuse an admin listener off loopback without a token, a token too
+        short to resist guessing, and metrics_auth without a token."""
+        if self.admin is None:
+            return
+        if self.admin_token is not None and len(self.admin_token) < MIN_TOKEN_LENGTH:
+            raise ConfigError(
+                f"admin_token is {len(self.admin_token)} characters long: use at least "
+                f"{MIN_TOKEN_LENGTH} (e.g. the output of `openssl rand -hex 16`)")
+        if self.admin_token:
+            return
+        if self.metrics_auth:
+            raise ConfigError("metrics_auth needs admin_token (or DNSCHAOS_ADMIN_TOKEN)")
+        if not self.admin_on_loopback():
             raise ConfigError(
                 f"the admin listener {self.admin} is not on loopback: set admin_token "
                 "(or DNSCHAOS_ADMIN_TOKEN) so that nobody else can start or stop faults"
