@@ -21,7 +21,7 @@ from proxy.core.schedule import format_time, next_start, parse_time
 from proxy.errors import DnschaosError, InvalidFile
 from proxy.gameday.audit import AuditLog
 from proxy.gameday.report import to_markdown
-from proxy.gameday.runs import Conflict, GameDay, NotFound
+from proxy.gameday.runs import Conflict, GameDay, NotFound, Refused
 
 GAMEDAY = web.AppKey("gameday", GameDay)
 AUDIT = web.AppKey("audit", AuditLog)
@@ -184,6 +184,10 @@ def _errors(fn: Handler) -> Handler:
             return await fn(request)
         except NotFound as exc:
             return _error(404, str(exc))
+        except Refused as exc:
+            return web.json_response({"error": str(exc), "file": exc.file, "problems": [
+                {"file": p.file, "line": p.line, "field": p.path, "message": p.message}
+                for p in exc.problems]}, status=409)
         except Conflict as exc:
             return _error(409, str(exc))
         except InvalidFile as exc:
@@ -213,7 +217,8 @@ def _scenario_row(gd: GameDay, name: str) -> dict[str, Any]:
         "schedule": s.schedule, "timezone": s.timezone,
         "next_start": format_time(next_start(s.schedule, s.timezone, now))
         if s.schedule and s.timezone else None,
-        "max_duration": gd.run_length(s), "probes": [p.name for p in s.probes],
+        "max_duration": gd.run_length(s), "warnings": gd.length_warnings(s),
+        "refused_file": gd.catalog.stale(name), "probes": [p.name for p in s.probes],
         "running": [r.id for r in gd.runs.values() if r.scenario.name == s.name],
     }
 
@@ -342,6 +347,11 @@ async def add_rule(request: web.Request) -> web.Response:
         raise ValueError("a rule needs a name")
     duration = _duration(body.pop("duration", None))
     dry_run = bool(body.pop("dry_run", False))
+    match = body.get("match")
+    if match is None or match == {}:
+        # A forgotten selector would fault every name: that must be asked for.
+        raise ValueError('a rule needs a selector: "match": {"name": ...}, {"suffix": ...}, '
+                         '{"clients": ...}... or "match": "all" to fault every query')
     rule = load_model(json.dumps({"name": name, **body}), "<api>", Rule)
     record = _gd(request).add_rule(name, rule, duration=duration, dry_run=dry_run,
                                    who=who(request))

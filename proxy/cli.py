@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check scenario files")
     validate.add_argument("files", nargs="+")
+    validate.add_argument("--max-run-duration", metavar="DURATION", default="4h",
+                          help="the proxy's max_run_duration, to warn about runs it would "
+                               "cut (default 4h)")
     commands.add_parser("schema", help="print the JSON Schema of scenario files")
 
     demo = commands.add_parser("demo", help="watch a fault happen, offline")
@@ -162,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             from proxy.loader import main_validate
 
-            return main_validate(args.files)
+            from proxy.core.model import parse_duration
+
+            try:
+                cap = parse_duration(args.max_run_duration)
+            except ValueError as exc:
+                raise DnschaosError(f"--max-run-duration: {exc}") from None
+            return main_validate(args.files, cap)
         if args.command == "schema":
             from proxy.loader import main_schema
 

@@ -16,6 +16,7 @@ DEFAULT_LISTEN = "127.0.0.1:5353"
 DEFAULT_ADMIN = "127.0.0.1:5380"
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 MIN_TOKEN_LENGTH = 16
+DEFAULT_MAX_RUN_DURATION = 4 * 3600.0
 
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 
@@ -101,7 +102,7 @@ class Settings(Base):
     scenario_dir: str | None = None
     """Directory of scenario files, watched: added or changed files take effect
     without a restart (SIGHUP re-reads it too); invalid edits are refused."""
-    max_run_duration: PositiveDuration = 4 * 3600.0
+    max_run_duration: PositiveDuration = DEFAULT_MAX_RUN_DURATION
     """Hard cap on any run or ad hoc rule, whatever the scenario asks."""
     admin_token: str | None = None
     """Bearer token of the admin API (also from the DNSCHAOS_ADMIN_TOKEN
