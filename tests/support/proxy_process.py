@@ -134,7 +134,8 @@ class ProxyLauncher:
 
     def start(self, *extra_args: str, upstreams: Iterable[Any] | None = None,
               config: dict | str | Path | None = None, listen_host: str = "127.0.0.1",
-              admin: bool = True, admin_host: str = "127.0.0.1", log_level: str = "info", ready_timeout: float = 15.0,
+              admin: bool = True, admin_host: str = "127.0.0.1", log_level: str = "info",
+              ready_timeout: float = 15.0,
               wait: bool = True) -> ProxyProcess:
         """Start `python -m proxy run` on free ports.
 
