@@ -10,7 +10,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
 def make_app(server: Any) -> web.Application:
-    app = web.Application()
+    from proxy.api import auth_middleware
+
+    settings = server.settings
+    # Off loopback, anyone on the network could read the runs, rules and
+    # reports (client addresses and names): there reads need the token too.
+    app = web.Application(middlewares=[auth_middleware(
+        getattr(server, "audit", None), settings.admin_token,
+        reads_need_token=not settings.admin_on_loopback(),
+        metrics_need_token=settings.metrics_auth)])
 
     async def health(request: web.Request) -> web.Response:
         forwarder = server.forwarder
@@ -31,5 +39,5 @@ def make_app(server: Any) -> web.Application:
     if gameday is not None:
         from proxy.api import add_routes
 
-        add_routes(app, gameday, server.audit, server.settings.admin_token)
+        add_routes(app, gameday, server.audit)
     return app

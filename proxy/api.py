@@ -1,9 +1,10 @@
 """The admin HTTP JSON API: scenarios, runs, ad hoc rules, reports.
 
 Served by the admin listener's aiohttp app in the proxy's own event loop
-(see docs/openapi.yaml for every route).  Reads are open; mutations (POST,
-DELETE) need `Authorization: Bearer TOKEN` when a token is configured, and
-each one, allowed or not, is written to the audit log.
+(see docs/openapi.yaml for every route).  Mutations (POST, DELETE) need
+`Authorization: Bearer TOKEN` when a token is configured, and each one,
+allowed or not, is written to the audit log; reads need it too when the
+admin listener is off loopback (see auth_middleware).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from proxy.core.schedule import format_time, next_start, parse_time
 from proxy.errors import DnschaosError, InvalidFile
 from proxy.gameday.audit import AuditLog
 from proxy.gameday.report import to_markdown
-from proxy.gameday.runs import Conflict, GameDay, NotFound
+from proxy.gameday.runs import Conflict, GameDay, NotFound, Refused
 
 GAMEDAY = web.AppKey("gameday", GameDay)
 AUDIT = web.AppKey("audit", AuditLog)
@@ -29,9 +30,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
 
-def add_routes(app: web.Application, gameday: GameDay, audit: AuditLog,
-               token: str | None) -> None:
-    app.middlewares.append(_auth_middleware(audit, token))
+def add_routes(app: web.Application, gameday: GameDay, audit: AuditLog) -> None:
     app[GAMEDAY] = gameday
     app[AUDIT] = audit
     r = app.router
@@ -61,23 +60,44 @@ def who(request: web.Request) -> str:
     return f"{user} (token)" if request.get("authenticated") else user
 
 
-def _auth_middleware(audit: AuditLog, token: str | None) -> Any:
+OPEN = ("/health", "/metrics")
+
+
+def auth_middleware(audit: AuditLog | None, token: str | None, *, reads_need_token: bool,
+                    metrics_need_token: bool = False) -> Any:
+    """Which requests need `Authorization: Bearer TOKEN`: with a token,
+    mutations of the API always; with `reads_need_token` (admin listener off
+    loopback) every path but /health and /metrics; /metrics with
+    `metrics_need_token`.  Refused mutations are audited (refused reads are
+    not, so that a scraper without the token cannot fill the audit log)."""
+
+    def needs_token(request: web.Request) -> bool:
+        if token is None:
+            return False
+        if request.path == "/metrics":
+            return metrics_need_token
+        if request.path == "/health":
+            return False
+        return reads_need_token or (request.method in MUTATING
+                                    and request.path.startswith("/api/"))
+
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method in MUTATING and request.path.startswith("/api/"):
-            if token is not None:
-                given = request.headers.get("Authorization", "")
-                scheme, _, value = given.partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(
-                        value.strip().encode(), token.encode()):
+        if needs_token(request):
+            assert token is not None
+            given = request.headers.get("Authorization", "")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    value.strip().encode(), token.encode()):
+                if audit is not None and request.method in MUTATING:
                     audit.write(who=who(request), source=request.remote or "?",
                                 action=f"{request.method} {request.path}", result="denied: "
                                 + ("no token" if not given else "wrong token"))
-                    return web.json_response(
-                        {"error": "this needs Authorization: Bearer TOKEN "
-                                  "(the admin_token of the proxy)"},
-                        status=401, headers={"WWW-Authenticate": 'Bearer realm="dnschaos"'})
-                request["authenticated"] = True
+                return web.json_response(
+                    {"error": "this needs Authorization: Bearer TOKEN "
+                              "(the admin_token of the proxy)"},
+                    status=401, headers={"WWW-Authenticate": 'Bearer realm="dnschaos"'})
+            request["authenticated"] = True
         return await handler(request)
 
     return auth
@@ -164,6 +184,10 @@ def _errors(fn: Handler) -> Handler:
             return await fn(request)
         except NotFound as exc:
             return _error(404, str(exc))
+        except Refused as exc:
+            return web.json_response({"error": str(exc), "file": exc.file, "problems": [
+                {"file": p.file, "line": p.line, "field": p.path, "message": p.message}
+                for p in exc.problems]}, status=409)
         except Conflict as exc:
             return _error(409, str(exc))
         except InvalidFile as exc:
@@ -193,7 +217,8 @@ def _scenario_row(gd: GameDay, name: str) -> dict[str, Any]:
         "schedule": s.schedule, "timezone": s.timezone,
         "next_start": format_time(next_start(s.schedule, s.timezone, now))
         if s.schedule and s.timezone else None,
-        "max_duration": gd.run_length(s), "probes": [p.name for p in s.probes],
+        "max_duration": gd.run_length(s), "warnings": gd.length_warnings(s),
+        "refused_file": gd.catalog.stale(name), "probes": [p.name for p in s.probes],
         "running": [r.id for r in gd.runs.values() if r.scenario.name == s.name],
     }
 
@@ -322,6 +347,11 @@ async def add_rule(request: web.Request) -> web.Response:
         raise ValueError("a rule needs a name")
     duration = _duration(body.pop("duration", None))
     dry_run = bool(body.pop("dry_run", False))
+    match = body.get("match")
+    if match is None or match == {}:
+        # A forgotten selector would fault every name: that must be asked for.
+        raise ValueError('a rule needs a selector: "match": {"name": ...}, {"suffix": ...}, '
+                         '{"clients": ...}... or "match": "all" to fault every query')
     rule = load_model(json.dumps({"name": name, **body}), "<api>", Rule)
     record = _gd(request).add_rule(name, rule, duration=duration, dry_run=dry_run,
                                    who=who(request))

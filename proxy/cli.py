@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="watched directory of scenario files (schedules start by themselves)")
     run.add_argument("--max-run-duration", metavar="DURATION",
                      help="hard cap on any run (default 4h)")
+    run.add_argument("--metrics-auth", dest="metrics_auth", action="store_const", const=True,
+                     help="/metrics needs the admin token too")
     run.add_argument("--audit-log", metavar="FILE", help="JSON lines of every API mutation")
     run.add_argument("--report-dir", metavar="DIR", help="where run reports are written")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -64,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check scenario files")
     validate.add_argument("files", nargs="+")
+    validate.add_argument("--max-run-duration", metavar="DURATION", default="4h",
+                          help="the proxy's max_run_duration, to warn about runs it would "
+                               "cut (default 4h)")
     commands.add_parser("schema", help="print the JSON Schema of scenario files")
 
     demo = commands.add_parser("demo", help="watch a fault happen, offline")
@@ -94,7 +99,7 @@ ENV_LISTS = ("listen", "upstreams", "allow")
 ENV_CONFIG = "DNSCHAOS_CONFIG"
 FLAG_SETTINGS = ("listen", "upstreams", "admin", "allow", "policy", "timeout", "deadline",
                  "log_level", "uvloop", "scenario_dir", "max_run_duration", "audit_log",
-                 "report_dir", "workers")
+                 "report_dir", "workers", "metrics_auth")
 
 
 def settings_values(args: argparse.Namespace,
@@ -209,7 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             from proxy.loader import main_validate
 
-            return main_validate(args.files)
+            from proxy.core.model import parse_duration
+
+            try:
+                cap = parse_duration(args.max_run_duration)
+            except ValueError as exc:
+                raise DnschaosError(f"--max-run-duration: {exc}") from None
+            return main_validate(args.files, cap)
         if args.command == "schema":
             from proxy.loader import main_schema
 

@@ -97,7 +97,9 @@ def add_client_commands(commands: Any) -> None:
     common.add_argument("--admin", default=None, metavar="URL",
                         help=f"the proxy's admin API (default ${ENV_API} or {DEFAULT_ADMIN})")
     common.add_argument("--token", default=None,
-                        help=f"bearer token for changes (default ${ENV_TOKEN})")
+                        help=f"bearer token, sent with every request: changes need it, and "
+                             f"reads too when the admin listener is off loopback "
+                             f"(default ${ENV_TOKEN})")
     common.add_argument("--json", action="store_true", help="print the API's JSON")
 
     scenario = commands.add_parser("scenario", help="list, start and stop scenarios (via the API)")
@@ -132,6 +134,8 @@ def add_client_commands(commands: Any) -> None:
                      help="select this exact name (repeatable)")
     add.add_argument("--suffix", action="append", help="select this zone (repeatable)")
     add.add_argument("--client", action="append", dest="clients", metavar="CIDR")
+    add.add_argument("--all", action="store_true", dest="match_all",
+                     help="select every query (needed when no selector is given)")
     add.add_argument("--for", dest="duration", default="5m", metavar="DURATION",
                      help="expiry (default 5m)")
     add.add_argument("--dry-run", action="store_true")
@@ -177,6 +181,7 @@ def run_client(args: argparse.Namespace) -> int:
         if args.max_duration:
             body["max_duration"] = args.max_duration
         out = client.call("POST", f"/api/scenarios/{_q(args.name)}/start", body)
+        _warn(out)
         return _print(args, out, f"run {out['run']} {out['state']}"
                       f" (starts {out['started_at']}, hard end {out['hard_end']})"
                       + (" [dry run]" if out["dry_run"] else ""))
@@ -203,14 +208,22 @@ def run_client(args: argparse.Namespace) -> int:
         body = {"name": args.name, "fault": _mapping(args.fault), "duration": args.duration,
                 "dry_run": args.dry_run}
         match = _mapping(args.match) if args.match else {}
+        if not isinstance(match, dict):
+            raise DnschaosError(f"--match must be a mapping, not {args.match!r}")
         if args.names:
             match["name"] = args.names
         if args.suffix:
             match["suffix"] = args.suffix
         if args.clients:
             match["clients"] = args.clients
-        body["match"] = match
+        if args.match_all and match:
+            raise DnschaosError("--all selects every query: give it without selectors")
+        if not args.match_all and not match:
+            raise DnschaosError("a rule needs a selector (--qname, --suffix, --client, "
+                                "--match) or --all to fault every query")
+        body["match"] = "all" if args.match_all else match
         out = client.call("POST", "/api/rules", body)
+        _warn(out)
         return _print(args, out, f"rule {out['name']} added until {out['expires_at']}")
     if command == "rule" and action == "rm":
         out = client.call("DELETE", f"/api/rules/{_q(args.name)}")
@@ -238,6 +251,12 @@ def run_client(args: argparse.Namespace) -> int:
 
         return _print(args, out, to_markdown(out).rstrip("\n"))
     raise DnschaosError(f"unknown command {command} {action or ''}")
+
+
+def _warn(out: dict[str, Any]) -> None:
+    """The API's warnings (a run or rule cut by max_run_duration) to stderr."""
+    for warning in out.get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _q(text: str) -> str:

@@ -19,6 +19,8 @@ ADMIN_PORT = 5380
 DEFAULT_LISTEN = f"127.0.0.1:{DNS_PORT}"
 DEFAULT_ADMIN = f"127.0.0.1:{ADMIN_PORT}"
 LOOPBACK = ("127.0.0.0/8", "::1/128")
+MIN_TOKEN_LENGTH = 16
+DEFAULT_MAX_RUN_DURATION = 4 * 3600.0
 
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 
@@ -104,12 +106,15 @@ class Settings(Base):
     scenario_dir: str | None = None
     """Directory of scenario files, watched: added or changed files take effect
     without a restart (SIGHUP re-reads it too); invalid edits are refused."""
-    max_run_duration: PositiveDuration = 4 * 3600.0
+    max_run_duration: PositiveDuration = DEFAULT_MAX_RUN_DURATION
     """Hard cap on any run or ad hoc rule, whatever the scenario asks."""
     admin_token: str | None = None
-    """Bearer token the admin API requires for mutations (also from the
-    DNSCHAOS_ADMIN_TOKEN environment variable); mandatory when `admin` is
-    not a loopback address."""
+    """Bearer token of the admin API (also from the DNSCHAOS_ADMIN_TOKEN
+    environment variable), at least 16 characters.  Mandatory when `admin` is
+    not a loopback address; there every endpoint but /health and /metrics
+    needs it, reads too.  On loopback only mutations need it."""
+    metrics_auth: bool = False
+    """/metrics needs the admin token too (needs admin_token)."""
     audit_log: str | None = None
     """File the admin API appends one JSON line per mutation to (always logged too)."""
     report_dir: str | None = None
@@ -160,12 +165,28 @@ class Settings(Base):
     def _is_own_listener(self, upstream: str) -> bool:
         return upstream in self.listen
 
-    def check_admin_token(self) -> None:
-        """Refuse an admin listener off loopback without a token."""
-        if self.admin is None or self.admin_token:
-            return
+    def admin_on_loopback(self) -> bool:
+        """Whether only this machine can reach the admin listener.  A wildcard
+        address (0.0.0.0, ::) listens on every interface: not loopback."""
+        if self.admin is None:
+            return True
         host, _ = split_hostport(self.admin, ADMIN_PORT)
-        if not ipaddress.ip_address(host).is_loopback:
+        return ipaddress.ip_address(host).is_loopback
+
+    def check_admin_token(self) -> None:
+        """Refuse an admin listener off loopback without a token, a token too
+        short to resist guessing, and metrics_auth without a token."""
+        if self.admin is None:
+            return
+        if self.admin_token is not None and len(self.admin_token) < MIN_TOKEN_LENGTH:
+            raise ConfigError(
+                f"admin_token is {len(self.admin_token)} characters long: use at least "
+                f"{MIN_TOKEN_LENGTH} (e.g. the output of `openssl rand -hex 16`)")
+        if self.admin_token:
+            return
+        if self.metrics_auth:
+            raise ConfigError("metrics_auth needs admin_token (or DNSCHAOS_ADMIN_TOKEN)")
+        if not self.admin_on_loopback():
             raise ConfigError(
                 f"the admin listener {self.admin} is not on loopback: set admin_token "
                 "(or DNSCHAOS_ADMIN_TOKEN) so that nobody else can start or stop faults"

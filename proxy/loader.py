@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from proxy.config import DEFAULT_MAX_RUN_DURATION
 from proxy.core.model import Scenario
 from proxy.errors import FieldProblem, InvalidFile
 
@@ -76,9 +77,10 @@ def validate_paths(paths: list[str]) -> list[FieldProblem]:
     return problems
 
 
-def main_validate(argv: list[str]) -> int:
+def main_validate(argv: list[str], max_run_duration: float = DEFAULT_MAX_RUN_DURATION) -> int:
     """`dnschaos validate FILE|DIR...`: problems to stderr, one a line; an
-    OK line per good file to stdout.  Returns 0, or 2 when anything is wrong."""
+    OK line per good file to stdout, and its warnings (valid, but surprising:
+    see scenario_warnings) to stderr.  Returns 0, or 2 when anything is wrong."""
     if not argv:
         print("usage: dnschaos validate FILE|DIR...", file=sys.stderr)
         return 2
@@ -91,9 +93,33 @@ def main_validate(argv: list[str]) -> int:
             problems += found
             if scenario is not None:
                 print(f"OK {file} ({_summary(scenario)})")
+                for warning in scenario_warnings(_read(file), file, scenario, max_run_duration):
+                    print(warning, file=sys.stderr)
     for problem in problems:
         print(problem.render(), file=sys.stderr)
     return 2 if problems else 0
+
+
+def scenario_warnings(text: str, file: str, scenario: Scenario,
+                      max_run_duration: float = DEFAULT_MAX_RUN_DURATION) -> list[str]:
+    """What is valid but will surprise: a run longer than max_run_duration
+    (it is cut), a rule without `match` (it faults every query)."""
+    warnings = []
+    cut = cap_warning(f"scenario {scenario.name}", wanted_length(scenario), max_run_duration)
+    if cut:
+        warnings.append(f"{file}: warning: {cut} (unless the proxy runs with a larger "
+                        "max_run_duration)")
+    data, lines, _ = _parse_yaml(text, file)
+    for i, phase in enumerate(data.get("phases") or []):
+        rules = phase.get("rules") if isinstance(phase, dict) else None
+        for j, rule in enumerate(rules if isinstance(rules, list) else []):
+            if isinstance(rule, dict) and rule.get("match") in (None, {}):
+                path = ("phases", i, "rules", j)
+                warnings.append(FieldProblem(
+                    file, _line(lines, path), _render_path(path),
+                    "warning: no match: this rule faults every query (write `match: all` "
+                    "if that is meant)").render())
+    return warnings
 
 
 def scenario_schema() -> dict[str, Any]:
@@ -155,6 +181,22 @@ def _summary(scenario: Scenario) -> str:
     if scenario.time_scale != 1:
         text += f" at time_scale {scenario.time_scale:g}"
     return text
+
+
+def wanted_length(scenario: Scenario, max_duration: float | None = None) -> float:
+    """How long a run would last without max_run_duration: the request's
+    max_duration, else the scenario's, else its total length."""
+    if max_duration is not None:
+        return max_duration
+    return scenario.max_duration if scenario.max_duration is not None else scenario.total_duration
+
+
+def cap_warning(what: str, wanted: float | None, cap: float) -> str | None:
+    """The warning when `what`, asked to last `wanted` seconds, is cut to `cap`."""
+    if wanted is None or wanted <= cap:
+        return None
+    return (f"{what} asks for {format_duration(wanted)} but max_run_duration is "
+            f"{format_duration(cap)}: it stops after {format_duration(cap)}")
 
 
 def _count(n: int, noun: str) -> str:

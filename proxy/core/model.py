@@ -417,12 +417,21 @@ class Limit(Base):
     per_second: Annotated[float, Field(gt=0)] | None = None
 
 
+def _match_all(value: Any) -> Any:
+    """`match: all` says outright what an empty match means: every query."""
+    return {} if value == "all" else value
+
+
 class Rule(Base):
     """A selector plus a fault.  The first rule whose match selects a query wins."""
 
     name: str | None = None
     """Shown in metrics, logs and the report; default: '<phase>/<index>'."""
-    match: Match = Field(default_factory=Match)
+    match: Annotated[Match, BeforeValidator(
+        _match_all, json_schema_input_type=Union[Literal["all"], Match])] = Field(
+        default_factory=Match)
+    """Which queries; `all` (or no match) selects every query.  Ad hoc rules
+    (the API, `dnschaos rule add`) must say `all` to mean that."""
     fault: Fault
     limit: Limit | None = None
 

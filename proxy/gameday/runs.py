@@ -30,15 +30,17 @@ from typing import Any, Callable
 from proxy.core.engine import ENDED, Engine
 from proxy.core.model import Rule, Scenario
 from proxy.core.schedule import Scheduler, format_time
-from proxy.errors import DnschaosError
+from proxy.errors import DnschaosError, FieldProblem
 from proxy.gameday.catalog import Catalog, Changes
 from proxy.gameday.probes import Checker, ProbeMonitor, check
 from proxy.gameday.report import build_report, write_report
+from proxy.loader import cap_warning, wanted_length
 
 log = logging.getLogger("dnschaos.gameday")
 
 TICK = 0.1
 KEEP_REPORTS = 100
+KEEP_SKIPPED = 20
 
 
 class NotFound(DnschaosError):
@@ -47,6 +49,18 @@ class NotFound(DnschaosError):
 
 class Conflict(DnschaosError):
     """The request conflicts with the current state."""
+
+
+class Refused(Conflict):
+    """The scenario's file was changed and refused: the catalog holds an older
+    version, which must not run in its place unnoticed."""
+
+    def __init__(self, name: str, file: str, problems: list[FieldProblem]) -> None:
+        self.name, self.file, self.problems = name, file, problems
+        super().__init__(
+            f"scenario {name!r} is not started: its file {file} was changed and refused "
+            "(the proxy still holds the version before it); fix the file, then start "
+            "again:\n" + "\n".join(p.render() for p in problems))
 
 
 @dataclass
@@ -61,6 +75,8 @@ class RunRecord:
     hard_end: float
     max_duration: float
     added_at: float
+    warnings: list[str] = field(default_factory=list)
+    """Why the run is shorter than asked (max_run_duration)."""
     timeline: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     probes: ProbeMonitor | None = None
@@ -87,6 +103,7 @@ class AdhocRecord:
     added_at: float
     expires_at: float | None
     who: str | None
+    warnings: list[str] = field(default_factory=list)
 
 
 class GameDay:
@@ -108,6 +125,9 @@ class GameDay:
         self.rules: dict[str, AdhocRecord] = {}
         self.reports: dict[str, dict[str, Any]] = {}
         """Reports of ended runs, newest last (at most KEEP_REPORTS)."""
+        self.skipped: list[dict[str, Any]] = []
+        """Scheduled starts not made because the scenario's file was refused
+        (the last KEEP_SKIPPED)."""
         self._task: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
 
@@ -144,10 +164,13 @@ class GameDay:
     def run_length(self, scenario: Scenario, max_duration: float | None = None) -> float:
         """The hard maximum duration of a run: the request's, else the scenario's
         max_duration, else its total length; capped by max_run_duration."""
-        length = max_duration if max_duration is not None else (
-            scenario.max_duration if scenario.max_duration is not None
-            else scenario.total_duration)
-        return min(length, self.max_run_duration)
+        return min(wanted_length(scenario, max_duration), self.max_run_duration)
+
+    def length_warnings(self, scenario: Scenario, max_duration: float | None = None) -> list[str]:
+        """A warning when max_run_duration cuts the run short, else none."""
+        warning = cap_warning(f"scenario {scenario.name}", wanted_length(scenario, max_duration),
+                              self.max_run_duration)
+        return [warning] if warning else []
 
     # --- runs ---------------------------------------------------------------------------
 
@@ -161,6 +184,9 @@ class GameDay:
             found = self.catalog.get(scenario)
             if found is None:
                 raise NotFound(f"no scenario called {scenario!r}")
+            stale = self.catalog.stale(scenario)
+            if stale is not None:
+                raise Refused(scenario, stale, self.catalog.problems.get(stale, []))
             scenario = found
         if time_scale is not None:
             if not time_scale > 0:
@@ -172,16 +198,19 @@ class GameDay:
         length = self.run_length(scenario, max_duration)
         if start + length <= now:
             raise ValueError(f"a run starting at {format_time(start)} would already be over")
-        return self._add(scenario, start, length, dry_run=dry_run, trigger=trigger, who=who)
+        return self._add(scenario, start, length, dry_run=dry_run, trigger=trigger, who=who,
+                         warnings=self.length_warnings(scenario, max_duration))
 
     def _add(self, scenario: Scenario, start: float, length: float, *, dry_run: bool,
-             trigger: str, who: str | None) -> RunRecord:
+             trigger: str, who: str | None, warnings: list[str]) -> RunRecord:
         now = self.clock()
         run_id = self._new_id(scenario.name, start)
         self.engine.add_run(run_id, scenario, start, now, dry_run=dry_run, max_duration=length)
         record = RunRecord(run_id, scenario, dry_run, trigger, who, start, start + length,
-                           length, now)
+                           length, now, warnings)
         self.runs[run_id] = record
+        for warning in warnings:
+            log.warning("run %s: %s", run_id, warning)
         self._event(record, now, "scheduled" if start > now else "started",
                     f"{trigger}{' by ' + who if who else ''}; phases "
                     f"{scenario.total_duration:.1f}s, limit {length:.1f}s"
@@ -271,12 +300,16 @@ class GameDay:
         length = min(duration if duration is not None else math.inf, self.max_run_duration)
         if not length > 0:
             raise ValueError("duration must be greater than 0")
+        warning = cap_warning(f"rule {name}", duration, self.max_run_duration)
         rule = rule.model_copy(update={"name": name})
         self.engine.add_rule(_rule_run(name), rule, now, now + length, dry_run=dry_run)
-        record = AdhocRecord(name, rule, dry_run, now, now + length, who)
+        record = AdhocRecord(name, rule, dry_run, now, now + length, who,
+                             [warning] if warning else [])
         self.rules[name] = record
         log.info("ad hoc rule %s added for %.1f s%s", name, length,
                  " (dry run)" if dry_run else "")
+        if warning:
+            log.warning("%s", warning)
         return record
 
     def remove_rule(self, name: str) -> bool:
@@ -299,14 +332,17 @@ class GameDay:
             row = stats.get(_rule_run(record.name), {})
             out.append({
                 "name": record.name, "dry_run": record.dry_run,
-                "match": record.rule.match.model_dump(by_alias=True, exclude_none=True),
+                "match": record.rule.match.model_dump(by_alias=True, exclude_none=True)
+                or "all",
                 "fault": record.rule.fault.model_dump(by_alias=True, exclude_none=True),
                 "added_at": format_time(record.added_at),
                 "expires_at": format_time(record.expires_at),
                 "remaining": (None if record.expires_at is None
                               else max(0.0, record.expires_at - self.clock())),
                 "matched": row.get("matched", 0), "injected": row.get("injected", 0),
-                "who": record.who,
+                "who": record.who, "duration": (None if record.expires_at is None
+                                                else record.expires_at - record.added_at),
+                "warnings": record.warnings,
             })
         return out
 
@@ -328,14 +364,28 @@ class GameDay:
             scenario = self.catalog.get(name)
             if scenario is None:
                 continue
+            stale = self.catalog.stale(name)
+            if stale is not None:  # never run the version before a refused edit
+                self._skip(name, start, stale)
+                continue
             if any(r.scenario.name == name and r.started_at == start for r in self.runs.values()):
                 continue
             length = self.run_length(scenario)
             joined = " (rejoining the schedule mid-run)" if now - start > 1.0 else ""
             log.info("schedule of %s fires for %s%s", name, format_time(start), joined)
-            self._add(scenario, start, length, dry_run=False, trigger="schedule", who=None)
+            self._add(scenario, start, length, dry_run=False, trigger="schedule", who=None,
+                      warnings=self.length_warnings(scenario))
         for record in list(self.runs.values()):
             self._observe(record, now)
+
+    def _skip(self, name: str, start: float, file: str) -> None:
+        problems = "; ".join(p.render() for p in self.catalog.problems.get(file, []))
+        log.error("schedule of %s due at %s skipped: its file %s was changed and refused "
+                  "(the version before is not run in its place): %s", name,
+                  format_time(start), file, problems)
+        self.skipped.append({"scenario": name, "start": format_time(start), "file": file,
+                             "error": problems})
+        del self.skipped[:-KEEP_SKIPPED]
 
     def _observe(self, record: RunRecord, now: float) -> None:
         """Phase changes into the timeline and the log; probes once running."""
@@ -456,7 +506,9 @@ class GameDay:
             "started_at": format_time(record.started_at),
             "hard_end": format_time(record.hard_end),
             "time_left": max(0.0, record.hard_end - now),
+            "max_duration": record.max_duration,
             "time_scale": record.scenario.time_scale,
+            "warnings": record.warnings,
         }
 
     def run_row(self, run_id: str) -> dict[str, Any]:
@@ -485,6 +537,7 @@ class GameDay:
                  "next_start": format_time(self.scheduler.upcoming(name, now))}
                 for name, e in self.scheduler.entries.items()],
             "scenario_errors": dict(self.catalog.errors),
+            "skipped_starts": list(self.skipped),
             "max_run_duration": self.max_run_duration,
         }
 

@@ -15,7 +15,7 @@ from support import zone
 from support.dnsutil import make_query, udp
 from support.net import wait_until
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-for-tests"
 
 TWO_PHASES = {
     "name": "two-phases",

@@ -96,8 +96,9 @@ def test_adhoc_rule_with_expiry(proxy):
 
 
 def test_invalid_requests_say_why(proxy):
-    status, out = api(proxy, "POST", "/api/rules", {"name": "x", "fault": "nxdomian"})
-    assert status == 400 and "fault" in out["error"]
+    status, out = api(proxy, "POST", "/api/rules", {"name": "x", "fault": "nxdomian",
+                                                    "match": {"name": zone.WWW}})
+    assert status == 400 and "unknown fault 'nxdomian'" in out["error"]
     status, out = api(proxy, "POST", "/api/scenarios/long/start", {"at": "tomorrow"})
     assert status == 400 and "invalid time" in out["error"]
     status, out = api(proxy, "POST", "/api/scenarios/long/start", {"at": "2000-01-01T00:00Z"})

@@ -73,7 +73,8 @@ class ProxyProcess(Endpoint):
         if self.admin is None:
             return None
         host, port = self.admin
-        return f"http://{hostport(host, port)}"
+        # A wildcard listener (0.0.0.0) is reached through loopback.
+        return f"http://{hostport('127.0.0.1' if host == '0.0.0.0' else host, port)}"
 
     # -- process
     def stderr_text(self) -> str:
@@ -133,7 +134,8 @@ class ProxyLauncher:
 
     def start(self, *extra_args: str, upstreams: Iterable[Any] | None = None,
               config: dict | str | Path | None = None, listen_host: str = "127.0.0.1",
-              admin: bool = True, log_level: str = "info", ready_timeout: float = 15.0,
+              admin: bool = True, admin_host: str = "127.0.0.1", log_level: str = "info",
+              ready_timeout: float = 15.0,
               wait: bool = True) -> ProxyProcess:
         """Start `python -m proxy run` on free ports.
 
@@ -144,6 +146,8 @@ class ProxyLauncher:
         config: a YAML --config file, as a dict, YAML text or a path.
         listen_host: '127.0.0.1' or '::1'.
         admin: False gives '--admin off' (readiness is then checked with a query).
+        admin_host: the admin listener's address; '0.0.0.0' (every interface, so
+          not loopback) is reached through 127.0.0.1.
         wait: False returns at once, without waiting until it answers.
         """
         n = next(_counter)
@@ -168,7 +172,7 @@ class ProxyLauncher:
         last = ""
         for attempt in range(3):  # a port can be taken between free_port() and the bind
             port = free_port(listen_host)
-            admin_addr = ("127.0.0.1", free_port("127.0.0.1")) if admin else None
+            admin_addr = (admin_host, free_port("127.0.0.1")) if admin else None
             argv = [sys.executable, "-m", "proxy", "run",
                     "--listen", hostport(listen_host, port),
                     "--admin", hostport(*admin_addr) if admin_addr else "off", *args]

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from proxy.core.model import DropFault, Scenario
+from proxy.core.model import DropFault, Match, Scenario
 from proxy.errors import InvalidFile
 from proxy.loader import (
     format_duration,
@@ -422,7 +422,7 @@ def test_validate_paths_expands_directories(tmp_path) -> None:
 def test_main_validate(tmp_path, capsys) -> None:
     good = tmp_path / "good.yaml"
     good.write_text("name: g\ntime_scale: 0.1\nphases:\n"
-                    "  - {name: a, duration: 157m, rules: [{fault: nodata}]}\n"
+                    "  - {name: a, duration: 157m, rules: [{match: all, fault: nodata}]}\n"
                     "  - {name: b, duration: 3m}\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text(scenario("- fault: dorp\n"))
@@ -434,6 +434,36 @@ def test_main_validate(tmp_path, capsys) -> None:
     assert err == f"{bad}:6: phases[0].rules[0].fault: unknown fault 'dorp' (did you mean 'drop'?)\n"
     assert main_validate([]) == 2
     assert "usage" in capsys.readouterr().err
+
+
+def test_validate_warns_about_a_run_longer_than_max_run_duration(tmp_path, capsys) -> None:
+    day = tmp_path / "day.yaml"
+    day.write_text("name: day\nphases:\n  - {name: a, duration: 24h, "
+                   "rules: [{match: {suffix: example.com}, fault: nxdomain}]}\n")
+    assert main_validate([str(day)]) == 0  # valid: a warning, not an error
+    out, err = capsys.readouterr()
+    assert out == f"OK {day} (1 phase, 1 rule, 24h)\n"
+    assert err == (f"{day}: warning: scenario day asks for 24h but max_run_duration is 4h: "
+                   "it stops after 4h (unless the proxy runs with a larger max_run_duration)\n")
+    assert main_validate([str(day)], max_run_duration=24 * 3600) == 0  # not cut: no warning
+    assert capsys.readouterr().err == ""
+    # The scenario's own max_duration is what a run asks for.
+    day.write_text(day.read_text() + "max_duration: 3h\n")
+    assert main_validate([str(day)]) == 0 and capsys.readouterr().err == ""
+
+
+def test_validate_warns_about_a_rule_without_match(tmp_path, capsys) -> None:
+    text = ("name: m\nphases:\n  - name: a\n    duration: 1m\n    rules:\n"
+            "      - fault: drop\n      - {match: all, fault: drop}\n"
+            "      - {match: {}, fault: drop}\n      - {match: {name: x.example}, fault: drop}\n")
+    file = tmp_path / "m.yaml"
+    file.write_text(text)
+    assert main_validate([str(file)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"{file}:{line}: phases[0].rules[{i}]: warning: no match: this rule faults every query "
+        "(write `match: all` if that is meant)" for line, i in ((6, 0), (8, 2))]
+    rule = load_scenario_text(text).phases[0].rules[1]
+    assert rule.match == Match()  # `match: all` is the empty match
 
 
 def test_main_schema_prints_the_schema(capsys) -> None:

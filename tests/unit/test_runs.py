@@ -18,7 +18,7 @@ from proxy.core.query import QueryView
 from proxy.core.schedule import parse_time
 from proxy.core.verdict import Reply
 from proxy.gameday.catalog import Catalog
-from proxy.gameday.runs import GameDay, NotFound
+from proxy.gameday.runs import GameDay, NotFound, Refused
 
 NX, SERVFAIL, REFUSED = dns.rcode.NXDOMAIN, dns.rcode.SERVFAIL, dns.rcode.REFUSED
 RNG = random.Random(1)
@@ -376,3 +376,84 @@ def test_catalog_refuses_an_invalid_edit(tmp_path: Path) -> None:
     assert set(gd.catalog.scenarios) == {"a", "b"} and set(gd.scheduler.entries) == {"b"}
     (tmp_path / "b.yml").unlink()
     assert gd.reload().removed == ["b"] and gd.scheduler.entries == {}
+
+
+GOOD = ("name: a\nphases: [{name: p, duration: 1h, "
+        "rules: [{match: {suffix: internal}, fault: nxdomain}]}]\n")
+
+
+def test_a_scenario_whose_newest_file_was_refused_is_not_started(tmp_path: Path) -> None:
+    file = tmp_path / "a.yaml"
+    file.write_text(GOOD)
+    gd, engine, _ = manager(Clock(0.0), catalog=Catalog(str(tmp_path)))
+    gd.reload()
+    assert gd.catalog.stale("a") is None
+    gd.stop(gd.start("a").id)  # the valid version starts
+    file.write_text(GOOD.replace("1h", "soon"))
+    gd.reload()
+    assert gd.catalog.get("a") is not None and gd.catalog.stale("a") == str(file)
+    with pytest.raises(Refused) as info:
+        gd.start("a")
+    assert info.value.file == str(file)
+    ((line, field),) = [(p.line, p.path) for p in info.value.problems]
+    assert (line, field) == (2, "phases[0].duration")
+    assert f"{file}:2: phases[0].duration: invalid duration 'soon'" in str(info.value)
+    assert gd.runs == {} and not engine.active
+    file.write_text(GOOD)  # fixed: it starts again
+    gd.reload()
+    assert gd.catalog.stale("a") is None and gd.start("a").scenario.name == "a"
+
+
+def test_a_schedule_whose_newest_file_was_refused_is_skipped(tmp_path: Path, caplog) -> None:
+    weekly = GOOD + "schedule: '0 14 * * TUE'\ntimezone: UTC\n"
+    file = tmp_path / "a.yaml"
+    file.write_text(weekly)
+    clock = Clock(parse_time("2026-12-01T13:59Z"))
+    gd, engine, _ = manager(clock, catalog=Catalog(str(tmp_path)))
+    gd.reload()
+    file.write_text(weekly.replace("1h", "soon"))
+    gd.reload()
+    clock.now = parse_time("2026-12-01T14:00:30Z")
+    with caplog.at_level("ERROR", logger="dnschaos.gameday"):
+        gd.tick()
+    assert gd.runs == {} and not engine.active
+    assert "schedule of a due at 2026-12-01T14:00:00.000Z skipped" in caplog.text
+    assert "phases[0].duration" in caplog.text
+    (skip,) = gd.status()["skipped_starts"]
+    assert (skip["scenario"], skip["file"]) == ("a", str(file))
+    # The next occurrence, after the file is fixed, runs.
+    file.write_text(weekly)
+    gd.reload()
+    clock.now = parse_time("2026-12-08T14:00:30Z")
+    gd.tick()
+    (run,) = gd.runs.values()
+    assert run.trigger == "schedule" and len(gd.status()["skipped_starts"]) == 1
+
+
+def test_a_run_cut_by_max_run_duration_says_so() -> None:
+    clock = Clock(0.0)
+    gd, _, _ = manager(clock, max_run_duration=4 * 3600.0)
+    gd.add_scenario(scenario("day", ("p", 24 * 3600, "nxdomain")))
+    gd.add_scenario(scenario("short", ("p", 3600, "nxdomain")))
+    run = gd.start("day")
+    assert run.max_duration == 4 * 3600 and run.warnings == [
+        "scenario day asks for 24h but max_run_duration is 4h: it stops after 4h"]
+    row = gd.run_row(run.id)
+    assert row["warnings"] == run.warnings and row["max_duration"] == 4 * 3600
+    assert row["hard_end"] == "1970-01-01T04:00:00.000Z"
+    asked = gd.start("short", max_duration=5 * 3600.0)  # the request's limit counts
+    assert asked.warnings == [
+        "scenario short asks for 5h but max_run_duration is 4h: it stops after 4h"]
+    assert gd.start("short").warnings == []  # not cut: no warning
+
+
+def test_an_adhoc_rule_cut_by_max_run_duration_says_so() -> None:
+    gd, _, _ = manager(Clock(0.0), max_run_duration=4 * 3600.0)
+    long = gd.add_rule("long", rule(), duration=10 * 3600.0)
+    assert long.expires_at == 4 * 3600 and long.warnings == [
+        "rule long asks for 10h but max_run_duration is 4h: it stops after 4h"]
+    assert gd.add_rule("short", rule(), duration=300.0).warnings == []
+    assert gd.add_rule("capped", rule(), duration=None).warnings == []  # asked for no length
+    rows = {r["name"]: r for r in gd.rule_rows()}
+    assert rows["long"]["warnings"] == long.warnings and rows["long"]["duration"] == 4 * 3600
+    assert rows["short"]["warnings"] == [] and rows["short"]["duration"] == 300
