@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="watched directory of scenario files (schedules start by themselves)")
     run.add_argument("--max-run-duration", metavar="DURATION",
                      help="hard cap on any run (default 4h)")
+    run.add_argument("--ended-run-retention", metavar="DURATION",
+                     help="how long /metrics keeps an ended run's series (default 10m)")
     run.add_argument("--audit-log", metavar="FILE", help="JSON lines of every API mutation")
     run.add_argument("--report-dir", metavar="DIR", help="where run reports are written")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -81,7 +83,7 @@ def load_settings(args: argparse.Namespace) -> Settings:
         values = load_model(text, str(path), Settings).model_dump(exclude_unset=True)
     for key in ("listen", "upstreams", "admin", "allow", "policy", "timeout", "deadline",
                 "log_level", "uvloop", "scenario_dir", "max_run_duration", "audit_log",
-                "report_dir", "workers"):
+                "report_dir", "workers", "ended_run_retention"):
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value

@@ -34,6 +34,8 @@ log = logging.getLogger("dnschaos.gameday")
 
 TICK = 0.1
 KEEP_REPORTS = 100
+KEEP_ENDED = 1000
+"""Ended runs whose final counts /metrics still shows, at most (the oldest go first)."""
 
 
 class NotFound(DnschaosError):
@@ -74,6 +76,21 @@ class RunRecord:
         }
 
 
+@dataclass(frozen=True)
+class EndedRun:
+    """The final counts of a run (or ad hoc rule) the engine has forgotten,
+    kept so /metrics shows what it counted after the last scrape."""
+
+    run: str
+    scenario: str
+    dry_run: bool
+    ended_at: float
+    stats: list[dict[str, Any]]
+    """engine.stats(run) as it ended."""
+    clients: list[dict[str, Any]]
+    """engine.client_stats(run) as it ended."""
+
+
 @dataclass
 class AdhocRecord:
     name: str
@@ -89,9 +106,10 @@ class GameDay:
                  catalog: Catalog | None = None, report_dir: str | None = None,
                  clock: Callable[[], float] = time.time,
                  release: Callable[[], int] = lambda: 0,
-                 checker: Checker = check) -> None:
+                 checker: Checker = check, ended_run_retention: float = 600.0) -> None:
         self.engine = engine
         self.max_run_duration = max_run_duration
+        self.ended_run_retention = ended_run_retention
         self.catalog = catalog or Catalog()
         self.report_dir = report_dir
         self.clock = clock
@@ -103,6 +121,9 @@ class GameDay:
         self.rules: dict[str, AdhocRecord] = {}
         self.reports: dict[str, dict[str, Any]] = {}
         """Reports of ended runs, newest last (at most KEEP_REPORTS)."""
+        self.ended: dict[str, EndedRun] = {}
+        """Final counts of ended runs and removed ad hoc rules, oldest first,
+        for `ended_run_retention` seconds after they ended (see ended_runs)."""
         self._task: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
 
@@ -282,8 +303,13 @@ class GameDay:
         return True
 
     def _remove_rule(self, name: str) -> None:
-        self.rules.pop(name, None)
-        self.engine.forget(_rule_run(name))
+        record = self.rules.pop(name, None)
+        run_id = _rule_run(name)
+        run = self.engine.get_run(run_id)
+        if record is not None and run is not None:
+            self._keep_ended(run_id, run.scenario, record.dry_run, self.clock(),
+                             self.engine.stats(run_id), self.engine.client_stats(run_id))
+        self.engine.forget(run_id)
         log.info("ad hoc rule %s removed", name)
 
     def rule_rows(self) -> list[dict[str, Any]]:
@@ -309,6 +335,8 @@ class GameDay:
 
     def tick(self) -> None:
         now = self.clock()
+        if self.ended:
+            self._expire_ended(now)
         for run_id, reason in self.engine.tick(now):
             record = self.runs.get(run_id)
             if record is not None:
@@ -386,7 +414,9 @@ class GameDay:
                 task.add_done_callback(self._pending.discard)
             except RuntimeError:
                 pass
-        record.report = self._report(record)
+        stats, clients = self.engine.stats(record.id), self.engine.client_stats(record.id)
+        record.report = self._report(record, stats, clients)
+        self._keep_ended(record.id, record.scenario.name, record.dry_run, ended_at, stats, clients)
         self.engine.forget(record.id)
         self.reports[record.id] = record.report
         while len(self.reports) > KEEP_REPORTS:
@@ -402,10 +432,33 @@ class GameDay:
                 log.error("cannot write the report of run %s: %s", record.id, exc)
         return True
 
-    def _report(self, record: RunRecord) -> dict[str, Any]:
-        return build_report(record.as_run(), self.engine.stats(record.id),
-                            self.engine.client_stats(record.id),
+    def _report(self, record: RunRecord, stats: list[dict[str, Any]] | None = None,
+                clients: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return build_report(record.as_run(),
+                            self.engine.stats(record.id) if stats is None else stats,
+                            self.engine.client_stats(record.id) if clients is None else clients,
                             record.probes.summary() if record.probes else [])
+
+    # --- ended runs' final counts, for /metrics ------------------------------------------
+
+    def _keep_ended(self, run_id: str, scenario: str, dry_run: bool, ended_at: float,
+                    stats: list[dict[str, Any]], clients: list[dict[str, Any]]) -> None:
+        self.ended.pop(run_id, None)
+        self.ended[run_id] = EndedRun(run_id, scenario, dry_run, ended_at, stats, clients)
+        self._expire_ended(self.clock())
+
+    def _expire_ended(self, now: float) -> None:
+        keep = self.ended_run_retention
+        for run_id in [r for r, e in self.ended.items() if e.ended_at + keep <= now]:
+            del self.ended[run_id]
+        while len(self.ended) > KEEP_ENDED:
+            del self.ended[next(iter(self.ended))]
+
+    def ended_runs(self, now: float) -> list[EndedRun]:
+        """Runs that ended less than `ended_run_retention` seconds before `now`,
+        with their final counts (the engine forgets a run when it ends)."""
+        self._expire_ended(now)
+        return list(self.ended.values())
 
     def report(self, run_id: str) -> dict[str, Any]:
         """The report of an ended run, or the report so far of a live one."""
