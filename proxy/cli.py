@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,6 @@ def load_settings(args: argparse.Namespace) -> Settings:
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value
-    import os
-
     if not values.get("admin_token") and os.environ.get("DNSCHAOS_ADMIN_TOKEN"):
         values["admin_token"] = os.environ["DNSCHAOS_ADMIN_TOKEN"]
     from pydantic import ValidationError
@@ -155,6 +154,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a reader that went away shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # `dnschaos ... | head`: the reader has what it wanted.  Python flushes
+        # stdout again at exit, so point it at devnull to keep that quiet too
+        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from proxy.core.engine import ENDED, Engine
 from proxy.core.model import Rule, Scenario
-from proxy.core.schedule import Scheduler, format_time
+from proxy.core.schedule import Scheduler, format_time, parse_time
 from proxy.errors import DnschaosError
 from proxy.gameday.catalog import Catalog, Changes
 from proxy.gameday.probes import Checker, ProbeMonitor, check
@@ -460,15 +460,32 @@ class GameDay:
         self._expire_ended(now)
         return list(self.ended.values())
 
-    def report(self, run_id: str) -> dict[str, Any]:
-        """The report of an ended run, or the report so far of a live one."""
+    def report(self, ref: str) -> dict[str, Any]:
+        """The report of an ended run, or the report so far of a live one; `ref`
+        is a run id or a scenario name (its latest run)."""
         self.tick()  # a run the engine just ended is finished (and reported) first
+        run_id = self.latest_run(ref)
         if run_id in self.reports:
             return self.reports[run_id]
-        record = self.runs.get(run_id)
-        if record is None:
-            raise NotFound(f"no run called {run_id!r}")
-        return self._report(record)
+        return self._report(self.runs[run_id])
+
+    def latest_run(self, ref: str) -> str:
+        """`ref` if it is a run id, else the id of the scenario `ref`'s run that
+        started last (live or ended), else of its run still to start."""
+        if ref in self.reports or ref in self.runs:
+            return ref
+        now = self.clock()
+        live = [r for r in self.runs.values() if r.scenario.name == ref]
+        started = [(r.started_at, r.added_at, r.id) for r in live if r.started_at <= now]
+        started += [(parse_time(report["started_at"]), math.inf, run_id)
+                    for run_id, report in self.reports.items() if report["scenario"] == ref]
+        if started:
+            return max(started)[2]
+        if live:
+            return min(live, key=lambda r: r.started_at).id
+        if self.catalog.get(ref) is not None:
+            raise NotFound(f"scenario {ref!r} has no run yet")
+        raise NotFound(f"no run or scenario called {ref!r}")
 
     @staticmethod
     def _event(record: RunRecord, now: float, event: str, detail: str = "") -> None:
