@@ -34,7 +34,7 @@ log = logging.getLogger("dnschaos.gameday")
 
 TICK = 0.1
 KEEP_REPORTS = 100
-KEEP_ENDED = 1000
+KEEP_ENDED = 100
 """Ended runs whose final counts /metrics still shows, at most (the oldest go first)."""
 
 
@@ -88,7 +88,7 @@ class EndedRun:
     stats: list[dict[str, Any]]
     """engine.stats(run) as it ended."""
     clients: list[dict[str, Any]]
-    """engine.client_stats(run) as it ended."""
+    """engine.client_stats(run) as it ended, without the names (not in /metrics)."""
 
 
 @dataclass
@@ -444,7 +444,8 @@ class GameDay:
     def _keep_ended(self, run_id: str, scenario: str, dry_run: bool, ended_at: float,
                     stats: list[dict[str, Any]], clients: list[dict[str, Any]]) -> None:
         self.ended.pop(run_id, None)
-        self.ended[run_id] = EndedRun(run_id, scenario, dry_run, ended_at, stats, clients)
+        slim = [{k: v for k, v in row.items() if k not in ("names", "faulted")} for row in clients]
+        self.ended[run_id] = EndedRun(run_id, scenario, dry_run, ended_at, stats, slim)
         self._expire_ended(self.clock())
 
     def _expire_ended(self, now: float) -> None:
