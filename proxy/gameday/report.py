@@ -146,18 +146,17 @@ def to_markdown(report: dict[str, Any]) -> str:
              for c in report["clients"]])
     else:
         lines.append("No client sent a query that a rule selected.")
-    lines += ["", "## Names faulted", "",
-              "The names whose queries got a fault" + (" (would have)" if report["dry_run"]
-                                                       else "") + ".", ""]
+    would = " (would have)" if report["dry_run"] else ""
+    lines += ["", "## Names faulted", "", f"The names whose queries got a fault{would}.", ""]
     faulted = report.get("names_faulted") or {}
     if faulted:
         lines += _table(["name", "faults"], [[n, c] for n, c in faulted.items()])
     else:
         lines.append("None.")
     lines += ["", "## Names asked", "",
-              "Every name of the queries a rule selected, from the clients above, whether "
-              "or not a fault fired (a flap that was off); names no rule selected are not "
-              "seen.", ""]
+              ("Every name of the queries a rule selected, from the clients above, whether "
+               "or not a fault fired (a flap that was off); names no rule selected are not "
+               "seen."), ""]
     if report["names"]:
         lines += _table(["name", "queries"], [[n, c] for n, c in report["names"].items()])
     else:

@@ -470,11 +470,10 @@ def test_yaml_boolean_in_a_string_field_says_to_quote_it(word: str, value: str) 
             "    rules:\n"
             f"      - match: {{name: [a.test, {word}]}}\n"
             "        fault: nxdomain\n")
+    hint = f"got the YAML boolean {value} (write '{word}' in quotes to mean the name)"
     assert problems(text, "gd.yaml") == [
-        f"gd.yaml:3: phases[0].name: got the YAML boolean {value} "
-        f"(write '{word}' in quotes to mean the name)",
-        f"gd.yaml:6: phases[0].rules[0].match.name[1]: got the YAML boolean {value} "
-        f"(write '{word}' in quotes to mean the name)",
+        f"gd.yaml:3: phases[0].name: {hint}",
+        f"gd.yaml:6: phases[0].rules[0].match.name[1]: {hint}",
     ]
     # Quoted, the word is the name.
     quoted = text.replace(f"name: {word}", f"name: '{word}'").replace(f", {word}]", f", '{word}']")
