@@ -115,6 +115,8 @@ def audited(action: str) -> Callable[[Handler], Handler]:
                 body = "<not JSON>"
             request["body"] = body
             target = request.match_info.get("name") or request.match_info.get("run")
+            if target is None and isinstance(body, dict) and isinstance(body.get("name"), str):
+                target = body["name"]  # POST /api/rules names its rule in the body
             try:
                 response = await handler(request)
             except web.HTTPException as exc:

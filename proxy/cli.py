@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hard cap on any run (default 4h)")
     run.add_argument("--metrics-auth", dest="metrics_auth", action="store_const", const=True,
                      help="/metrics needs the admin token too")
+    run.add_argument("--ended-run-retention", metavar="DURATION",
+                     help="how long /metrics keeps an ended run's series (default 10m)")
     run.add_argument("--audit-log", metavar="FILE", help="JSON lines of every API mutation")
     run.add_argument("--report-dir", metavar="DIR", help="where run reports are written")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -99,7 +101,7 @@ ENV_LISTS = ("listen", "upstreams", "allow")
 ENV_CONFIG = "DNSCHAOS_CONFIG"
 FLAG_SETTINGS = ("listen", "upstreams", "admin", "allow", "policy", "timeout", "deadline",
                  "log_level", "uvloop", "scenario_dir", "max_run_duration", "audit_log",
-                 "report_dir", "workers", "metrics_auth")
+                 "report_dir", "workers", "metrics_auth", "ended_run_retention")
 
 
 def settings_values(args: argparse.Namespace,
@@ -207,6 +209,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a reader that went away shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # `dnschaos ... | head`: the reader has what it wanted.  Python flushes
+        # stdout again at exit, so point it at devnull to keep that quiet too
+        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":

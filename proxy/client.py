@@ -145,7 +145,8 @@ def add_client_commands(commands: Any) -> None:
 
     commands.add_parser("reset", parents=[common], help="heal everything at once")
     report = commands.add_parser("report", parents=[common], help="a run's report")
-    report.add_argument("run", nargs="?", help="run id (none: list the reports)")
+    report.add_argument("run", nargs="?",
+                        help="run id, or a scenario name: its latest run (none: list the reports)")
     report.add_argument("--markdown", action="store_true", help="print the Markdown report")
 
 

@@ -13,8 +13,8 @@ client was first and last hit and how many faults of each type it got
   (ties by name), so the choice does not depend on dict order or scrape
   timing beyond which clients had been seen by then.  A name never moves
   between its own label and `other`, so every counter stays monotonic.
-- `affected_counts` counts distinct addresses per (scenario, rule), over the
-  whole run and over the recent window.
+- `affected_counts` counts distinct addresses per (run, scenario, rule), over
+  the whole run and over the recent window.
 
 Everything here works on plain row lists, so rows gathered from several
 worker processes can be concatenated and fed in unchanged.
@@ -98,27 +98,32 @@ class ClientLabels:
         return frozenset(self._labelled)
 
 
+def _run(row: Mapping[str, Any]) -> str:
+    """The row's run id (an engine without runs: its scenario stands for it)."""
+    return str(row.get("run") or row.get("scenario") or "")
+
+
 def _injected(row: Mapping[str, Any]) -> int:
     return sum(int(v) for v in (row.get("faults") or {}).values())
 
 
 def affected_counts(rows: Iterable[Mapping[str, Any]], now: float, window: float,
-                    dry_run: bool = False) -> dict[tuple[str, str], tuple[int, int]]:
-    """{(scenario, rule): (distinct clients over the run, distinct within `window`)}.
+                    dry_run: bool = False) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """{(run, scenario, rule): (distinct clients over the run, distinct within `window`)}.
 
     A client counts as affected by a rule when it received at least one of
     its faults (with `dry_run`: the dry-run rows, where the faults are the
     ones that would have been injected).  Recent: the rule selected the
     client within the last `window` seconds.  The engine's overflow row,
     `other`, counts as one client: the numbers are then a lower bound."""
-    ever: dict[tuple[str, str], set[str]] = defaultdict(set)
-    recent: dict[tuple[str, str], set[str]] = defaultdict(set)
+    ever: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    recent: dict[tuple[str, str, str], set[str]] = defaultdict(set)
     for row in rows:
         if bool(row.get("dry_run")) != dry_run:
             continue
         if _injected(row) <= 0:
             continue
-        key = (str(row.get("scenario") or ""), str(row.get("rule") or ""))
+        key = (_run(row), str(row.get("scenario") or ""), str(row.get("rule") or ""))
         client = str(row.get("client") or OTHER)
         ever[key].add(client)
         if float(row.get("last_seen") or 0.0) >= now - window:
@@ -133,8 +138,8 @@ class ClientFaults:
         self.groups = ClientGroups(groups)
         self.labels = ClientLabels(cap)
 
-    def counts(self, rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str], int]:
-        """{(client label, scenario, fault type): faults received}; dry-run rows skipped."""
+    def counts(self, rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str, str], int]:
+        """{(client label, run, scenario, fault type): faults received}; dry-run rows skipped."""
         live = [row for row in rows if not row.get("dry_run")]
         first_seen: dict[str, float] = {}
         named: list[tuple[str, Mapping[str, Any]]] = []
@@ -145,11 +150,11 @@ class ClientFaults:
                 first_seen[name] = seen
             named.append((name, row))
         self.labels.admit(first_seen)
-        out: dict[tuple[str, str, str], int] = defaultdict(int)
+        out: dict[tuple[str, str, str, str], int] = defaultdict(int)
         for name, row in named:
             label = self.labels(name)
-            scenario = str(row.get("scenario") or "")
+            run, scenario = _run(row), str(row.get("scenario") or "")
             for fault, count in (row.get("faults") or {}).items():
                 if count:
-                    out[(label, scenario, str(fault))] += int(count)
+                    out[(label, run, scenario, str(fault))] += int(count)
         return dict(out)

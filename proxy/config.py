@@ -128,6 +128,10 @@ class Settings(Base):
     """Distinct `client` label values at most; later clients are counted under 'other'."""
     affected_window: PositiveDuration = 60.0
     """Seconds a client counts in dnschaos_affected_clients_recent after a rule last hit it."""
+    ended_run_retention: PositiveDuration = 600.0
+    """Seconds /metrics keeps showing an ended run's per-rule and per-client series
+    (its final counts), so a scrape after the run ended still sees them; keep it
+    longer than the scrape interval."""
     workers: Annotated[int, Field(ge=1, le=256)] = 1
     """Processes answering DNS on the same addresses (SO_REUSEPORT); with more than
     one, the main process only runs the admin API and the game day and sends every

@@ -45,11 +45,11 @@ _MISSING = object()
 def load_model(text: str, file: str, model: type[M]) -> M:
     """Parse YAML `text` and validate it as `model`.  Raises InvalidFile
     listing every problem as `file:line: path: message`."""
-    data, lines, problems = _parse_yaml(text, file)
+    data, lines, problems, bools = _parse_yaml(text, file)
     try:
         result = model.model_validate(data)
     except ValidationError as exc:
-        problems += _pydantic_problems(exc, data, lines, file, model)
+        problems += _pydantic_problems(exc, data, lines, file, model, bools)
         result = None
     if problems:
         raise InvalidFile(_sorted(problems))
@@ -109,7 +109,7 @@ def scenario_warnings(text: str, file: str, scenario: Scenario,
     if cut:
         warnings.append(f"{file}: warning: {cut} (unless the proxy runs with a larger "
                         "max_run_duration)")
-    data, lines, _ = _parse_yaml(text, file)
+    data, lines, _, _ = _parse_yaml(text, file)
     for i, phase in enumerate(data.get("phases") or []):
         rules = phase.get("rules") if isinstance(phase, dict) else None
         for j, rule in enumerate(rules if isinstance(rules, list) else []):
@@ -215,8 +215,10 @@ def format_duration(seconds: float) -> str:
 # --- YAML with lines -------------------------------------------------------
 
 
-def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Loc, int], list[FieldProblem]]:
-    """Returns (data, path -> line, problems found in the YAML itself)."""
+def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Loc, int], list[FieldProblem],
+                                               dict[Loc, str]]:
+    """Returns (data, path -> line, problems found in the YAML itself, path ->
+    source text of each value YAML read as a boolean: `on`, `no`...)."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -229,7 +231,8 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Loc, int], list[FieldPr
             raise InvalidFile([FieldProblem(file, node.start_mark.line + 1, "", message)])
         lines: dict[Loc, int] = {(): node.start_mark.line + 1}
         problems: list[FieldProblem] = []
-        _map_lines(node, (), lines, problems, file, set())
+        bools: dict[Loc, str] = {}
+        _map_lines(node, (), lines, problems, file, set(), bools)
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         raise InvalidFile([_yaml_problem(exc, file)]) from None
@@ -237,11 +240,11 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Loc, int], list[FieldPr
         raise InvalidFile([FieldProblem(file, None, "", f"YAML error: {exc}")]) from None
     finally:
         loader.dispose()
-    return data, lines, problems
+    return data, lines, problems, bools
 
 
 def _map_lines(node: yaml.Node, path: Loc, lines: dict[Loc, int], problems: list[FieldProblem],
-               file: str, active: set[int]) -> None:
+               file: str, active: set[int], bools: dict[Loc, str]) -> None:
     if id(node) in active:  # a recursive alias (&a [*a]): nothing more to map
         return
     active = active | {id(node)}
@@ -259,11 +262,13 @@ def _map_lines(node: yaml.Node, path: Loc, lines: dict[Loc, int], problems: list
             else:
                 first_seen[key] = line
             lines[path + (key,)] = line
-            _map_lines(value_node, path + (key,), lines, problems, file, active)
+            _map_lines(value_node, path + (key,), lines, problems, file, active, bools)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             lines[path + (index,)] = item.start_mark.line + 1
-            _map_lines(item, path + (index,), lines, problems, file, active)
+            _map_lines(item, path + (index,), lines, problems, file, active, bools)
+    elif isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
+        bools[path] = node.value  # YAML 1.1: on/off/yes/no are booleans too
 
 
 def _yaml_problem(exc: yaml.MarkedYAMLError, file: str) -> FieldProblem:
@@ -285,7 +290,8 @@ def _yaml_problem(exc: yaml.MarkedYAMLError, file: str) -> FieldProblem:
 
 
 def _pydantic_problems(exc: ValidationError, data: Any, lines: dict[Loc, int], file: str,
-                       model: type[BaseModel]) -> list[FieldProblem]:
+                       model: type[BaseModel],
+                       bools: dict[Loc, str] | None = None) -> list[FieldProblem]:
     found: list[tuple[Loc, str, list[tuple[Loc, bool]], bool]] = []
     for error in exc.errors(include_url=False):
         path, unions, owner, target = _resolve(model, error["loc"])
@@ -295,6 +301,8 @@ def _pydantic_problems(exc: ValidationError, data: Any, lines: dict[Loc, int], f
         elif error["type"] == "union_tag_invalid" and isinstance(_get(data, path), dict):
             path = path + (_discriminator(error),)
         path = _existing(data, path)
+        if error["type"] == "string_type" and isinstance(error["input"], bool):
+            message = _bool_for_string(error["input"], path, (bools or {}).get(path))
         fits = all(isinstance(_get(data, where), dict) == is_model for where, is_model in unions)
         found.append((path, message, unions, fits))
 
@@ -440,6 +448,15 @@ def _message(error: Any, path: Loc, owner: Any, target: Any, data: Any) -> str:
     if isinstance(value, (str, int, float, bool)) or value is None:
         message += f", got {_show(value)}"
     return message
+
+
+def _bool_for_string(value: bool, path: Loc, source: str | None) -> str:
+    """A string field given `on`, `yes`, `false`...: YAML read a boolean."""
+    word = source or str(value).lower()
+    key = next((p for p in reversed(path) if isinstance(p, str)), "")
+    what = "name" if key == "name" else "text"
+    return (f"got the YAML boolean {str(value).lower()} (write '{word}' in quotes to mean "
+            f"the {what})")
 
 
 def _kind(union: Any) -> str | None:

@@ -37,10 +37,17 @@ ACTIVE_STATES = frozenset({"running", "active"})
 """Run states in which a run's phase is in force (`dnschaos_active_phase`)."""
 
 
+EndedRuns = Callable[[float], list[Any]]
+"""now -> the ended runs still to show (GameDay.ended_runs): each with run,
+scenario, dry_run, ended_at, stats and clients (the engine's rows as it ended)."""
+
+
 class ForwarderCollector(Collector):
-    def __init__(self, forwarder: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, forwarder: Any, clock: Callable[[], float] = time.time,
+                 ended: EndedRuns | None = None) -> None:
         self.forwarder = forwarder
         self.clock = clock
+        self.ended = ended
         settings = getattr(forwarder, "settings", None)
         self.affected_window = float(getattr(settings, "affected_window", 60.0))
         self.client_faults = ClientFaults(getattr(settings, "client_groups", None) or {},
@@ -168,7 +175,12 @@ class ForwarderCollector(Collector):
 
     def _engine_metrics(self, engine: Any) -> Iterator[Any]:
         now = self.clock()
-        labels = ["scenario", "phase", "rule", "fault"]
+        stats, clients = _rows(engine, "stats"), _rows(engine, "client_stats")
+        ended = self._ended(engine, now)
+        for run in ended:
+            stats += run.stats
+            clients += run.clients
+        labels = ["run", "scenario", "phase", "rule", "fault"]
         matched = CounterMetricFamily(
             "dnschaos_rule_matches", "Queries a rule selected.", labels=labels)
         injected = CounterMetricFamily(
@@ -179,59 +191,65 @@ class ForwarderCollector(Collector):
         dry = CounterMetricFamily(
             "dnschaos_dry_run_matches",
             "Queries a dry-run rule selected (forwarded unchanged, nothing injected).",
-            labels=["scenario", "rule"])
-        dry_totals: dict[tuple[str, str], int] = {}
-        for row in _rows(engine, "stats"):
-            key = [row["scenario"], row["phase"], row["rule"], row["fault"]]
+            labels=["run", "scenario", "rule"])
+        dry_totals: dict[tuple[str, str, str], int] = {}
+        for row in stats:
+            run = _run_of(row)
+            key = [run, row["scenario"], row["phase"], row["rule"], row["fault"]]
             if row.get("dry_run"):
-                pair = (row["scenario"], row["rule"])
-                dry_totals[pair] = dry_totals.get(pair, 0) + row["matched"]
+                triple = (run, row["scenario"], row["rule"])
+                dry_totals[triple] = dry_totals.get(triple, 0) + row["matched"]
                 continue
             matched.add_metric(key, row["matched"])
             injected.add_metric(key, row["injected"])
             errors.add_metric(key, row.get("errors", 0))
-        for (scenario, rule), count in sorted(dry_totals.items()):
-            dry.add_metric([scenario, rule], count)
+        for key, count in sorted(dry_totals.items()):
+            dry.add_metric(list(key), count)
         yield matched
         yield injected
         yield errors
         yield dry
-        yield from self._client_metrics(engine, now)
-        yield from self._run_metrics(engine, now)
+        yield from self._client_metrics(clients, now)
+        yield from self._run_metrics(engine, ended, now)
 
-    def _client_metrics(self, engine: Any, now: float) -> Iterator[Any]:
-        rows = _rows(engine, "client_stats")
+    def _ended(self, engine: Any, now: float) -> list[Any]:
+        """The ended runs to show besides the engine's own (none it still holds)."""
+        if self.ended is None:
+            return []
+        held = {str(row.get("run")) for row in _rows(engine, "runs_info", now)}
+        return [run for run in self.ended(now) if run.run not in held]
+
+    def _client_metrics(self, rows: list[dict[str, Any]], now: float) -> Iterator[Any]:
         window = self.affected_window
         ever = GaugeMetricFamily(
             "dnschaos_affected_clients",
             "Distinct client addresses that received a rule's faults since its run started.",
-            labels=["scenario", "rule"])
+            labels=["run", "scenario", "rule"])
         recent = GaugeMetricFamily(
             "dnschaos_affected_clients_recent",
             f"Distinct client addresses that received a rule's faults in the last "
-            f"affected_window ({window:g} s).", labels=["scenario", "rule"])
-        for (scenario, rule), (total, last) in sorted(affected_counts(rows, now, window).items()):
-            ever.add_metric([scenario, rule], total)
-            recent.add_metric([scenario, rule], last)
+            f"affected_window ({window:g} s).", labels=["run", "scenario", "rule"])
+        for key, (total, last) in sorted(affected_counts(rows, now, window).items()):
+            ever.add_metric(list(key), total)
+            recent.add_metric(list(key), last)
         yield ever
         yield recent
         dry = GaugeMetricFamily(
             "dnschaos_dry_run_clients",
             "Distinct client addresses a dry-run rule would have given a fault.",
-            labels=["scenario", "rule"])
-        for (scenario, rule), (total, _) in sorted(
-                affected_counts(rows, now, window, dry_run=True).items()):
-            dry.add_metric([scenario, rule], total)
+            labels=["run", "scenario", "rule"])
+        for key, (total, _) in sorted(affected_counts(rows, now, window, dry_run=True).items()):
+            dry.add_metric(list(key), total)
         yield dry
         faults = CounterMetricFamily(
             "dnschaos_client_faults",
             "Faults received per client (group name from client_groups, else the address; "
-            "past client_label_cap: 'other').", labels=["client", "scenario", "fault"])
+            "past client_label_cap: 'other').", labels=["client", "run", "scenario", "fault"])
         for key, count in sorted(self.client_faults.counts(rows).items()):
             faults.add_metric(list(key), count)
         yield faults
 
-    def _run_metrics(self, engine: Any, now: float) -> Iterator[Any]:
+    def _run_metrics(self, engine: Any, ended: list[Any], now: float) -> Iterator[Any]:
         active = GaugeMetricFamily(
             "dnschaos_active_phase", "1 for the scenario phase now in force (dry runs excluded).",
             labels=["scenario", "phase"])
@@ -256,6 +274,9 @@ class ForwarderCollector(Collector):
                         and (scenario, phase) not in seen):
                     seen.add((scenario, phase))
                     active.add_metric([scenario, phase], 1)
+            for run in ended:
+                info.add_metric([run.run, run.scenario, "ended", "",
+                                 "true" if run.dry_run else "false"], 1)
         elif callable(getattr(engine, "current_phase", None)):
             phase = engine.current_phase(now)
             if phase is not None:
@@ -287,10 +308,15 @@ def _worker_metrics(fwd: Any, s: Any) -> Iterator[Any]:
     yield restarts
 
 
-def _rows(engine: Any, method: str) -> list[dict[str, Any]]:
-    """engine.<method>() when the engine has it, else no rows."""
+def _rows(engine: Any, method: str, *args: Any) -> list[dict[str, Any]]:
+    """engine.<method>(*args) when the engine has it, else no rows."""
     read = getattr(engine, method, None)
-    return list(read()) if callable(read) else []
+    return list(read(*args)) if callable(read) else []
+
+
+def _run_of(row: dict[str, Any]) -> str:
+    """The row's run id (an engine without runs: its scenario stands for it)."""
+    return str(row.get("run") or row.get("scenario") or "")
 
 
 def _engine_error_count(engine: Any) -> int:
@@ -315,7 +341,8 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
-def make_registry(forwarder: Any, clock: Callable[[], float] = time.time) -> CollectorRegistry:
+def make_registry(forwarder: Any, clock: Callable[[], float] = time.time,
+                  ended: EndedRuns | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ForwarderCollector(forwarder, clock))
+    registry.register(ForwarderCollector(forwarder, clock, ended))
     return registry

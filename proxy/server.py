@@ -60,11 +60,12 @@ class Server:
         self.gameday = GameDay(engine, max_run_duration=settings.max_run_duration,
                                catalog=Catalog(settings.scenario_dir),
                                report_dir=settings.report_dir,
-                               release=self.forwarder.release_delayed)
+                               release=self.forwarder.release_delayed,
+                               ended_run_retention=settings.ended_run_retention)
         self._initial = start or []
         self._watch_stop: asyncio.Event | None = None
         self._watcher: asyncio.Task | None = None
-        self.registry = make_registry(self.forwarder)
+        self.registry = make_registry(self.forwarder, ended=self.gameday.ended_runs)
         self.tcp_connections: set[TcpConnection] = set()
         self.listen_addresses: list[str] = []  # with the real ports, once bound
         self.admin_address: str | None = None

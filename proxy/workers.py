@@ -709,8 +709,9 @@ def merge_stats(local: list[dict[str, Any]],
 
 def merge_clients(local: Any, sources: list[list[dict[str, Any]]],
                   run: str | None = None) -> list[dict[str, Any]]:
-    """Rows per (run, phase, rule, client): fault and name counts summed,
-    first_seen the earliest, last_seen the latest; only runs the local engine holds."""
+    """Rows per (run, phase, rule, client): fault and name counts (names,
+    faulted) summed, first_seen the earliest, last_seen the latest; only runs
+    the local engine holds."""
     merged: dict[tuple, dict[str, Any]] = {}
     for source in sources:
         for row in source:
@@ -722,13 +723,14 @@ def merge_clients(local: Any, sources: list[list[dict[str, Any]]],
             mine = merged.get(key)
             if mine is None:
                 merged[key] = mine = dict(row, faults=dict(row["faults"]),
-                                          names=dict(row["names"]))
+                                          names=dict(row["names"]),
+                                          faulted=dict(row.get("faulted") or {}))
                 continue
             mine["first_seen"] = min(mine["first_seen"], row["first_seen"])
             mine["last_seen"] = max(mine["last_seen"], row["last_seen"])
-            for part in ("faults", "names"):
+            for part in ("faults", "names", "faulted"):
                 counts = mine[part]
-                for name, count in row[part].items():
+                for name, count in (row.get(part) or {}).items():
                     counts[name] = counts.get(name, 0) + count
     return list(merged.values())
 

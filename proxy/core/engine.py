@@ -42,9 +42,11 @@ answer from before it became active.  A phase with a `source: snapshot` rule
 copies the store when it starts.
 
 Affected clients are counted per (run, rule, client): first and last seen
-(wall clock), faults by type, names asked.  Bounded: at most `client_cap`
-clients per rule (the rest fold into the client "other") and 100 names per
-client (the rest fold into the name "other").
+(wall clock), faults by type, the names of the queries the rule selected
+(`names`) and of those its fault changed (`faulted`; a flap that is off
+changes nothing).  Bounded: at most `client_cap` clients per rule (the rest
+fold into the client "other") and 100 names each per client (the rest fold
+into the name "other").
 
 A verdict with a delay carries the id of the run whose rule gave it
 (`run`), so the transport can release the queries one run holds when that
@@ -110,6 +112,9 @@ class ClientRecord:
     last_seen: float
     faults: dict[str, int] = field(default_factory=dict)
     names: dict[str, int] = field(default_factory=dict)
+    """Names of the queries the rule selected."""
+    faulted: dict[str, int] = field(default_factory=dict)
+    """Names of the queries its fault changed."""
 
 
 class Limiter:
@@ -706,16 +711,10 @@ class Engine:
             if record is None:
                 record = clients[key] = ClientRecord(now, now)
         record.last_seen = now
+        _count_name(record.names, q.qname)
         if fault is not None:
             record.faults[fault] = record.faults.get(fault, 0) + 1
-        names = record.names
-        name = q.qname
-        if name in names:
-            names[name] += 1
-        elif len(names) < NAMES_PER_CLIENT:
-            names[name] = 1
-        else:
-            names[OTHER] = names.get(OTHER, 0) + 1
+            _count_name(record.faulted, q.qname)
 
     def on_response(self, q: QueryView, verdict: Forward, answer: bytes, now: float,
                     rng: Random) -> bytes | None:
@@ -777,7 +776,8 @@ class Engine:
 
     def client_stats(self, run: str | None = None) -> list[dict[str, Any]]:
         """Per (run, rule, client): run, scenario, phase, rule, client, dry_run,
-        first_seen, last_seen, faults {type: count}, names {name: count}."""
+        first_seen, last_seen, faults {type: count}, names {name: count} (queries
+        selected), faulted {name: count} (queries the fault changed)."""
         return [
             {
                 "run": rule.run,
@@ -790,6 +790,7 @@ class Engine:
                 "last_seen": record.last_seen,
                 "faults": dict(record.faults),
                 "names": dict(record.names),
+                "faulted": dict(record.faulted),
             }
             for rule in self.rules(run)
             for client, record in list(rule.clients.items())
@@ -813,3 +814,13 @@ class Engine:
                               else info[2]) if info else None,
             })
         return out
+
+
+def _count_name(names: dict[str, int], name: str) -> None:
+    """One more query for `name`; past NAMES_PER_CLIENT names, under OTHER."""
+    if name in names:
+        names[name] += 1
+    elif len(names) < NAMES_PER_CLIENT:
+        names[name] = 1
+    else:
+        names[OTHER] = names.get(OTHER, 0) + 1

@@ -35,7 +35,7 @@ def build_report(run: dict[str, Any], rules: list[dict[str, Any]],
         entry = folded.setdefault(row["client"], {
             "client": row["client"], "first_seen": row["first_seen"],
             "last_seen": row["last_seen"], "queries": 0, "faults": {}, "names": {},
-            "rules": [],
+            "faulted": {}, "rules": [],
         })
         entry["first_seen"] = min(entry["first_seen"], row["first_seen"])
         entry["last_seen"] = max(entry["last_seen"], row["last_seen"])
@@ -44,6 +44,8 @@ def build_report(run: dict[str, Any], rules: list[dict[str, Any]],
         for name, count in row["names"].items():
             entry["names"][name] = entry["names"].get(name, 0) + count
             entry["queries"] += count
+        for name, count in (row.get("faulted") or {}).items():
+            entry["faulted"][name] = entry["faulted"].get(name, 0) + count
         rule = f"{row['phase']}/{row['rule']}" if row["phase"] != "adhoc" else row["rule"]
         if rule not in entry["rules"]:
             entry["rules"].append(rule)
@@ -52,9 +54,12 @@ def build_report(run: dict[str, Any], rules: list[dict[str, Any]],
         entry["first_seen"] = format_time(entry["first_seen"])
         entry["last_seen"] = format_time(entry["last_seen"])
     names: dict[str, int] = {}
+    faulted: dict[str, int] = {}
     for entry in client_list:
         for name, count in entry["names"].items():
             names[name] = names.get(name, 0) + count
+        for name, count in entry["faulted"].items():
+            faulted[name] = faulted.get(name, 0) + count
     return {
         "run": run["id"],
         "scenario": run["scenario"],
@@ -79,9 +84,14 @@ def build_report(run: dict[str, Any], rules: list[dict[str, Any]],
                    "injected": sum(r["injected"] for r in per_rule),
                    "clients": len(client_list)},
         "clients": client_list,
-        "names": dict(sorted(names.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "names": _by_count(names),
+        "names_faulted": _by_count(faulted),
         "probes": probes,
     }
+
+
+def _by_count(counts: dict[str, int]) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -136,7 +146,17 @@ def to_markdown(report: dict[str, Any]) -> str:
              for c in report["clients"]])
     else:
         lines.append("No client sent a query that a rule selected.")
-    lines += ["", "## Names asked", ""]
+    would = " (would have)" if report["dry_run"] else ""
+    lines += ["", "## Names faulted", "", f"The names whose queries got a fault{would}.", ""]
+    faulted = report.get("names_faulted") or {}
+    if faulted:
+        lines += _table(["name", "faults"], [[n, c] for n, c in faulted.items()])
+    else:
+        lines.append("None.")
+    lines += ["", "## Names asked", "",
+              ("Every name of the queries a rule selected, from the clients above, whether "
+               "or not a fault fired (a flap that was off); names no rule selected are not "
+               "seen."), ""]
     if report["names"]:
         lines += _table(["name", "queries"], [[n, c] for n, c in report["names"].items()])
     else:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from proxy.core.engine import ENDED, Engine
 from proxy.core.model import Rule, Scenario
-from proxy.core.schedule import Scheduler, format_time
+from proxy.core.schedule import Scheduler, format_time, parse_time
 from proxy.errors import DnschaosError, FieldProblem
 from proxy.gameday.catalog import Catalog, Changes
 from proxy.gameday.probes import Checker, ProbeMonitor, check
@@ -41,6 +41,8 @@ log = logging.getLogger("dnschaos.gameday")
 TICK = 0.1
 KEEP_REPORTS = 100
 KEEP_SKIPPED = 20
+KEEP_ENDED = 100
+"""Ended runs whose final counts /metrics still shows, at most (the oldest go first)."""
 
 
 class NotFound(DnschaosError):
@@ -95,6 +97,21 @@ class RunRecord:
         }
 
 
+@dataclass(frozen=True)
+class EndedRun:
+    """The final counts of a run (or ad hoc rule) the engine has forgotten,
+    kept so /metrics shows what it counted after the last scrape."""
+
+    run: str
+    scenario: str
+    dry_run: bool
+    ended_at: float
+    stats: list[dict[str, Any]]
+    """engine.stats(run) as it ended."""
+    clients: list[dict[str, Any]]
+    """engine.client_stats(run) as it ended, without the names (not in /metrics)."""
+
+
 @dataclass
 class AdhocRecord:
     name: str
@@ -111,9 +128,10 @@ class GameDay:
                  catalog: Catalog | None = None, report_dir: str | None = None,
                  clock: Callable[[], float] = time.time,
                  release: Callable[[str | None], int] = lambda run=None: 0,
-                 checker: Checker = check) -> None:
+                 checker: Checker = check, ended_run_retention: float = 600.0) -> None:
         self.engine = engine
         self.max_run_duration = max_run_duration
+        self.ended_run_retention = ended_run_retention
         self.catalog = catalog or Catalog()
         self.report_dir = report_dir
         self.clock = clock
@@ -128,6 +146,9 @@ class GameDay:
         self.skipped: list[dict[str, Any]] = []
         """Scheduled starts not made because the scenario's file was refused
         (the last KEEP_SKIPPED)."""
+        self.ended: dict[str, EndedRun] = {}
+        """Final counts of ended runs and removed ad hoc rules, oldest first,
+        for `ended_run_retention` seconds after they ended (see ended_runs)."""
         self._task: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
 
@@ -320,8 +341,13 @@ class GameDay:
         return True
 
     def _remove_rule(self, name: str) -> None:
-        self.rules.pop(name, None)
-        self.engine.forget(_rule_run(name))
+        record = self.rules.pop(name, None)
+        run_id = _rule_run(name)
+        run = self.engine.get_run(run_id)
+        if record is not None and run is not None:
+            self._keep_ended(run_id, run.scenario, record.dry_run, self.clock(),
+                             self.engine.stats(run_id), self.engine.client_stats(run_id))
+        self.engine.forget(run_id)
         log.info("ad hoc rule %s removed", name)
 
     def rule_rows(self) -> list[dict[str, Any]]:
@@ -350,6 +376,8 @@ class GameDay:
 
     def tick(self) -> None:
         now = self.clock()
+        if self.ended:
+            self._expire_ended(now)
         for run_id, reason in self.engine.tick(now):
             record = self.runs.get(run_id)
             if record is not None:
@@ -441,7 +469,9 @@ class GameDay:
                 task.add_done_callback(self._pending.discard)
             except RuntimeError:
                 pass
-        record.report = self._report(record)
+        stats, clients = self.engine.stats(record.id), self.engine.client_stats(record.id)
+        record.report = self._report(record, stats, clients)
+        self._keep_ended(record.id, record.scenario.name, record.dry_run, ended_at, stats, clients)
         self.engine.forget(record.id)
         self.reports[record.id] = record.report
         while len(self.reports) > KEEP_REPORTS:
@@ -457,20 +487,61 @@ class GameDay:
                 log.error("cannot write the report of run %s: %s", record.id, exc)
         return True
 
-    def _report(self, record: RunRecord) -> dict[str, Any]:
-        return build_report(record.as_run(), self.engine.stats(record.id),
-                            self.engine.client_stats(record.id),
+    def _report(self, record: RunRecord, stats: list[dict[str, Any]] | None = None,
+                clients: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return build_report(record.as_run(),
+                            self.engine.stats(record.id) if stats is None else stats,
+                            self.engine.client_stats(record.id) if clients is None else clients,
                             record.probes.summary() if record.probes else [])
 
-    def report(self, run_id: str) -> dict[str, Any]:
-        """The report of an ended run, or the report so far of a live one."""
+    # --- ended runs' final counts, for /metrics ------------------------------------------
+
+    def _keep_ended(self, run_id: str, scenario: str, dry_run: bool, ended_at: float,
+                    stats: list[dict[str, Any]], clients: list[dict[str, Any]]) -> None:
+        self.ended.pop(run_id, None)
+        slim = [{k: v for k, v in row.items() if k not in ("names", "faulted")} for row in clients]
+        self.ended[run_id] = EndedRun(run_id, scenario, dry_run, ended_at, stats, slim)
+        self._expire_ended(self.clock())
+
+    def _expire_ended(self, now: float) -> None:
+        keep = self.ended_run_retention
+        for run_id in [r for r, e in self.ended.items() if e.ended_at + keep <= now]:
+            del self.ended[run_id]
+        while len(self.ended) > KEEP_ENDED:
+            del self.ended[next(iter(self.ended))]
+
+    def ended_runs(self, now: float) -> list[EndedRun]:
+        """Runs that ended less than `ended_run_retention` seconds before `now`,
+        with their final counts (the engine forgets a run when it ends)."""
+        self._expire_ended(now)
+        return list(self.ended.values())
+
+    def report(self, ref: str) -> dict[str, Any]:
+        """The report of an ended run, or the report so far of a live one; `ref`
+        is a run id or a scenario name (its latest run)."""
         self.tick()  # a run the engine just ended is finished (and reported) first
+        run_id = self.latest_run(ref)
         if run_id in self.reports:
             return self.reports[run_id]
-        record = self.runs.get(run_id)
-        if record is None:
-            raise NotFound(f"no run called {run_id!r}")
-        return self._report(record)
+        return self._report(self.runs[run_id])
+
+    def latest_run(self, ref: str) -> str:
+        """`ref` if it is a run id, else the id of the scenario `ref`'s run that
+        started last (live or ended), else of its run still to start."""
+        if ref in self.reports or ref in self.runs:
+            return ref
+        now = self.clock()
+        live = [r for r in self.runs.values() if r.scenario.name == ref]
+        started = [(r.started_at, r.added_at, r.id) for r in live if r.started_at <= now]
+        started += [(parse_time(report["started_at"]), math.inf, run_id)
+                    for run_id, report in self.reports.items() if report["scenario"] == ref]
+        if started:
+            return max(started)[2]
+        if live:
+            return min(live, key=lambda r: r.started_at).id
+        if self.catalog.get(ref) is not None:
+            raise NotFound(f"scenario {ref!r} has no run yet")
+        raise NotFound(f"no run or scenario called {ref!r}")
 
     @staticmethod
     def _event(record: RunRecord, now: float, event: str, detail: str = "") -> None:

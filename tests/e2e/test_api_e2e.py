@@ -95,6 +95,19 @@ def test_adhoc_rule_with_expiry(proxy):
     assert api(proxy, "DELETE", "/api/rules/www-refused")[0] == 404
 
 
+def test_rule_add_audit_names_the_rule(proxy):
+    body = {"name": "audited-rule", "match": {"name": zone.WWW}, "fault": "refused",
+            "duration": "5m"}
+    assert api(proxy, "POST", "/api/rules", body, user="carol")[0] == 201
+    assert api(proxy, "DELETE", "/api/rules/audited-rule", user="carol")[0] == 200
+    entries = [e for e in audit_lines(proxy) if e["who"] == "carol (token)"]
+    assert [(e["action"], e["target"]) for e in entries] == [
+        ("rule_add", "audited-rule"), ("rule_remove", "audited-rule")]
+    # A mutation that names nothing still has no target.
+    api(proxy, "POST", "/api/reset", {}, user="dave")
+    assert [e["target"] for e in audit_lines(proxy) if e["who"] == "dave (token)"] == [None]
+
+
 def test_invalid_requests_say_why(proxy):
     status, out = api(proxy, "POST", "/api/rules", {"name": "x", "fault": "nxdomian",
                                                     "match": {"name": zone.WWW}})

@@ -105,3 +105,42 @@ def test_token_and_errors_are_reported(proxy):
     assert proc.returncode == 2 and "HTTP 401" in proc.stderr
     proc = cli(proxy, "scenario", "start", "nosuch", check=False)
     assert proc.returncode == 2 and "no scenario called 'nosuch'" in proc.stderr
+
+
+def test_report_of_a_scenario_is_its_latest_run(proxy):
+    runs = []
+    for _ in range(2):
+        run = cli_json(proxy, "scenario", "start", "two-phases")["run"]
+        rcode_of(proxy)
+        cli(proxy, "scenario", "stop", run)
+        runs.append(run)
+    assert runs[0] != runs[1]
+    assert cli_json(proxy, "report", "two-phases")["run"] == runs[1]
+    assert f"`{runs[1]}`" in cli(proxy, "report", "two-phases").stdout
+    assert cli_json(proxy, "report", runs[0])["run"] == runs[0]  # a run id is still itself
+    proc = cli(proxy, "report", "nosuch", check=False)
+    assert proc.returncode == 2 and "no run or scenario called 'nosuch'" in proc.stderr
+
+
+def test_output_piped_into_head_ends_quietly(start_proxy, tmp_path):
+    """`dnschaos ... --json | head -1`: no BrokenPipeError traceback.  The output
+    (a 300 KB description) is larger than a pipe holds, so the write after
+    head has exited fails for sure."""
+    big = dict(LONG, description="x" * 300_000)
+    write_scenarios(tmp_path / "scenarios", big)
+    proxy = start_proxy("--scenario-dir", str(tmp_path / "scenarios"))
+    argv = [sys.executable, "-m", "proxy", "scenario", "list", "--json",
+            "--admin", proxy.admin_url]
+    whole = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=30,
+                           check=False)
+    assert whole.returncode == 0 and len(whole.stdout) > 300_000  # not piped: all of it
+    writer = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = subprocess.Popen(["head", "-1"], stdin=writer.stdout, stdout=subprocess.PIPE)
+    writer.stdout.close()  # head alone holds the read end: its exit breaks the pipe
+    first, _ = head.communicate(timeout=30)
+    errors = writer.stderr.read().decode()
+    writer.stderr.close()
+    assert writer.wait(timeout=30) == 1
+    assert first == b"{\n"
+    assert "Traceback" not in errors and "BrokenPipeError" not in errors, errors
+    assert errors == ""

@@ -22,6 +22,8 @@ from support import zone
 from support.dnsutil import make_query, udp
 from support.net import wait_until
 
+from .gameday_helpers import TOKEN, api, write_scenarios
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,15 +112,20 @@ def test_every_readme_metric_is_served_with_the_right_values(start_proxy, scenar
     def get(name: str, **labels: str) -> float | None:
         return m.get((name, frozenset(labels.items())))
 
-    rule = {"scenario": "metrics-e2e", "phase": "outage"}
+    run = next(dict(k)["run"] for n, k in m if n == "dnschaos_run_info"
+               and ("scenario", "metrics-e2e") in k)
+    assert run.startswith("metrics-e2e-")
+    rule = {"run": run, "scenario": "metrics-e2e", "phase": "outage"}
     assert get("dnschaos_faults_injected_total", **rule, rule="www-nxdomain",
                fault="nxdomain") == 5
     assert get("dnschaos_faults_injected_total", **rule, rule="mx-servfail",
                fault="servfail") == 4
     assert get("dnschaos_rule_matches_total", **rule, rule="www-nxdomain", fault="nxdomain") == 5
-    assert get("dnschaos_affected_clients", scenario="metrics-e2e", rule="www-nxdomain") == 2
-    assert get("dnschaos_affected_clients", scenario="metrics-e2e", rule="mx-servfail") == 4
-    assert get("dnschaos_affected_clients_recent", scenario="metrics-e2e",
+    assert get("dnschaos_affected_clients", run=run, scenario="metrics-e2e",
+               rule="www-nxdomain") == 2
+    assert get("dnschaos_affected_clients", run=run, scenario="metrics-e2e",
+               rule="mx-servfail") == 4
+    assert get("dnschaos_affected_clients_recent", run=run, scenario="metrics-e2e",
                rule="www-nxdomain") == 2
     assert get("dnschaos_active_phase", scenario="metrics-e2e", phase="outage") == 1
     assert get("dnschaos_build_info", version=__import__("proxy").__version__) == 1
@@ -152,3 +159,63 @@ def test_no_scenario_no_client_series(start_proxy) -> None:
     assert not [k for k in m if k[0] in ("dnschaos_client_faults_total",
                                         "dnschaos_affected_clients",
                                         "dnschaos_active_phase")]
+
+
+# --- ended runs: their series stay, under their run id ---------------------------------
+
+
+def no_duplicate_samples(text: str) -> list[tuple[str, frozenset]]:
+    """Every (name, labels) of the exposition, parsed by prometheus_client;
+    fails when two samples share them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    keys = [(s.name, frozenset(s.labels.items()))
+            for family in text_string_to_metric_families(text) for s in family.samples]
+    duplicates = {k for k in keys if keys.count(k) > 1}
+    assert not duplicates, f"samples with the same name and labels: {sorted(duplicates)}"
+    return keys
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ended_run_counts_are_scraped_after_stop_and_runs_stay_apart(
+        start_proxy, tmp_path: Path, workers: str) -> None:
+    write_scenarios(tmp_path / "scenarios", {"name": "again", "phases": [
+        {"name": "outage", "duration": "1h",
+         "rules": [{"name": "www-nx", "match": {"name": zone.WWW}, "fault": "nxdomain"}]}]})
+    proxy = start_proxy("--scenario-dir", str(tmp_path / "scenarios"), "--workers", workers,
+                        config={"admin_token": TOKEN})
+    if workers != "1":
+        wait_until(lambda: ("dnschaos_worker_queries_total", frozenset({("worker", "1")}))
+                   in proxy.metrics(), timeout=5, what="two workers")
+
+    def run_once(queries: int) -> str:
+        status, row = api(proxy, "POST", "/api/scenarios/again/start", {})
+        assert status == 201, row
+        for _ in range(queries):
+            assert ask(proxy, "127.0.0.2").rcode() == dns.rcode.NXDOMAIN
+        status, body = api(proxy, "POST", f"/api/runs/{row['run']}/stop", {})
+        assert status == 200 and body["stopped"] == [row["run"]], body
+        return row["run"]
+
+    rule = {"scenario": "again", "phase": "outage", "rule": "www-nx", "fault": "nxdomain"}
+    first = run_once(5)
+    # Scraped only after the stop: the counts are there, under the run's id.
+    assert ask(proxy, "127.0.0.2").rcode() == dns.rcode.NOERROR  # the fault is gone
+    m = proxy.metrics()
+    assert m.get(("dnschaos_faults_injected_total",
+                  frozenset({"run": first, **rule}.items()))) == 5
+    assert m.get(("dnschaos_rule_matches_total", frozenset({"run": first, **rule}.items()))) == 5
+    assert m.get(("dnschaos_client_faults_total", frozenset(
+        {"client": "127.0.0.2", "run": first, "scenario": "again",
+         "fault": "nxdomain"}.items()))) == 5
+    assert m.get(("dnschaos_run_info", frozenset(
+        {"run": first, "scenario": "again", "state": "ended", "phase": "",
+         "dry_run": "false"}.items()))) == 1
+
+    second = run_once(3)
+    assert second != first
+    keys = no_duplicate_samples(proxy.metrics_text())
+    injected = {dict(k)["run"]: v for (n, k), v in proxy.metrics().items()
+                if n == "dnschaos_faults_injected_total" and ("scenario", "again") in k}
+    assert injected == {first: 5, second: 3}
+    assert len([k for k in keys if k[0] == "dnschaos_affected_clients"]) == 2

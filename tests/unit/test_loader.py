@@ -484,3 +484,33 @@ def test_format_duration(seconds: float, text: str) -> None:
 def test_scenario_model_still_validates_directly() -> None:
     # The loader adds lines and wording, not rules: the model alone agrees.
     assert Scenario.model_validate({"name": "x", "phases": [{"name": "p", "duration": "1s"}]})
+
+
+@pytest.mark.parametrize("word, value", [
+    ("on", "true"), ("off", "false"), ("yes", "true"), ("no", "false"),
+    ("true", "true"), ("False", "false"),
+])
+def test_yaml_boolean_in_a_string_field_says_to_quote_it(word: str, value: str) -> None:
+    """YAML 1.1 reads `on`, `no`... as booleans: the problem names the file,
+    the line, the field, and says to quote the word."""
+    text = ("name: t\n"
+            "phases:\n"
+            f"  - name: {word}\n"
+            "    duration: 5m\n"
+            "    rules:\n"
+            f"      - match: {{name: [a.test, {word}]}}\n"
+            "        fault: nxdomain\n")
+    hint = f"got the YAML boolean {value} (write '{word}' in quotes to mean the name)"
+    assert problems(text, "gd.yaml") == [
+        f"gd.yaml:3: phases[0].name: {hint}",
+        f"gd.yaml:6: phases[0].rules[0].match.name[1]: {hint}",
+    ]
+    # Quoted, the word is the name.
+    quoted = text.replace(f"name: {word}", f"name: '{word}'").replace(f", {word}]", f", '{word}']")
+    assert load_scenario_text(quoted).phases[0].name == word
+
+
+def test_yaml_boolean_in_another_string_field() -> None:
+    text = "name: t\ndescription: yes\nphases: []\n"
+    assert "x.yaml:2: description: got the YAML boolean true (write 'yes' in quotes to mean " \
+           "the text)" in problems(text)

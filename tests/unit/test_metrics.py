@@ -17,6 +17,8 @@ from proxy.metrics import make_registry
 from proxy.stats import Stats
 
 NOW = 1_700_000_000.0
+RUN = "r1"
+"""The run id of the rows rule_row and client_row make by default."""
 
 
 def rule_row(rule: str, fault: str = "nxdomain", *, matched: int = 0, injected: int = 0,
@@ -76,17 +78,17 @@ def test_fault_counters_per_rule_and_dry_run_apart() -> None:
         rule_row("r-dry", "servfail", matched=5, injected=0, dry_run=True, scenario="gd-dry"),
     ])
     m = scrape(engine)
-    assert value(m, "dnschaos_faults_injected_total", scenario="gd", phase="p1", rule="r-nx",
+    assert value(m, "dnschaos_faults_injected_total", run=RUN, scenario="gd", phase="p1", rule="r-nx",
                  fault="nxdomain") == 6
-    assert value(m, "dnschaos_rule_matches_total", scenario="gd", phase="p1", rule="r-sf",
+    assert value(m, "dnschaos_rule_matches_total", run=RUN, scenario="gd", phase="p1", rule="r-sf",
                  fault="servfail") == 3
-    assert value(m, "dnschaos_dry_run_matches_total", scenario="gd-dry", rule="r-dry") == 5
+    assert value(m, "dnschaos_dry_run_matches_total", run=RUN, scenario="gd-dry", rule="r-dry") == 5
     # A dry-run rule injects nothing and is not among the live rule counters...
     assert not [k for k in samples(m, "dnschaos_faults_injected_total")
                 if ("rule", "r-dry") in k]
     # ...and live rules are not among the dry-run matches.
     assert set(samples(m, "dnschaos_dry_run_matches_total")) == {
-        frozenset({("scenario", "gd-dry"), ("rule", "r-dry")})}
+        frozenset({("run", "r1"), ("scenario", "gd-dry"), ("rule", "r-dry")})}
 
 
 # --- affected clients -------------------------------------------------------------------
@@ -103,21 +105,22 @@ def test_affected_clients_over_the_run_and_recent_window() -> None:
     ])
     m = scrape(engine)
     assert samples(m, "dnschaos_affected_clients") == {
-        frozenset({("scenario", "gd"), ("rule", "r-nx")}): 2,
-        frozenset({("scenario", "gd"), ("rule", "r-sf")}): 1,
+        frozenset({("run", "r1"), ("scenario", "gd"), ("rule", "r-nx")}): 2,
+        frozenset({("run", "r1"), ("scenario", "gd"), ("rule", "r-sf")}): 1,
     }
-    assert value(m, "dnschaos_affected_clients_recent", scenario="gd", rule="r-nx") == 1
-    assert value(m, "dnschaos_affected_clients_recent", scenario="gd", rule="r-sf") == 1
-    assert value(m, "dnschaos_dry_run_clients", scenario="gd-dry", rule="r-dry") == 1
+    assert value(m, "dnschaos_affected_clients_recent", run=RUN, scenario="gd", rule="r-nx") == 1
+    assert value(m, "dnschaos_affected_clients_recent", run=RUN, scenario="gd", rule="r-sf") == 1
+    assert value(m, "dnschaos_dry_run_clients", run=RUN, scenario="gd-dry", rule="r-dry") == 1
     # The window is a setting.
     wide = scrape(engine, affected_window="120s")
-    assert value(wide, "dnschaos_affected_clients_recent", scenario="gd", rule="r-nx") == 2
+    assert value(wide, "dnschaos_affected_clients_recent", run=RUN, scenario="gd", rule="r-nx") == 2
 
 
-def test_same_client_in_two_runs_of_a_scenario_counts_once() -> None:
+def test_two_runs_of_a_scenario_are_counted_apart() -> None:
     rows = [client_row("10.0.0.1", run="a"), client_row("10.0.0.1", run="b"),
             client_row("10.0.0.2", run="b")]
-    assert affected_counts(rows, NOW, 60) == {("gd", "r-nx"): (2, 2)}
+    assert affected_counts(rows, NOW, 60) == {("a", "gd", "r-nx"): (1, 1),
+                                              ("b", "gd", "r-nx"): (2, 2)}
 
 
 # --- per-client counters ----------------------------------------------------------------
@@ -133,10 +136,10 @@ def test_client_faults_per_address_and_absent_when_not_affected() -> None:
     ])
     m = scrape(engine)
     assert samples(m, "dnschaos_client_faults_total") == {
-        frozenset({("client", "127.0.0.2"), ("scenario", "gd"), ("fault", "nxdomain")}): 3,
-        frozenset({("client", "127.0.0.2"), ("scenario", "gd"), ("fault", "servfail")}): 2,
-        frozenset({("client", "127.0.0.3"), ("scenario", "gd"), ("fault", "nxdomain")}): 1,
-        frozenset({("client", "127.0.0.3"), ("scenario", "gd"), ("fault", "delay")}): 4,
+        frozenset({("client", "127.0.0.2"), ("run", "r1"), ("scenario", "gd"), ("fault", "nxdomain")}): 3,
+        frozenset({("client", "127.0.0.2"), ("run", "r1"), ("scenario", "gd"), ("fault", "servfail")}): 2,
+        frozenset({("client", "127.0.0.3"), ("run", "r1"), ("scenario", "gd"), ("fault", "nxdomain")}): 1,
+        frozenset({("client", "127.0.0.3"), ("run", "r1"), ("scenario", "gd"), ("fault", "delay")}): 4,
     }
 
 
@@ -154,7 +157,7 @@ def test_client_groups_most_specific_cidr_wins() -> None:
     got = {dict(k)["client"]: v for k, v in samples(m, "dnschaos_client_faults_total").items()}
     assert got == {"payments": 3, "staging": 4, "payments-canary": 8, "192.0.2.1": 16, "v6": 32}
     # Distinct clients are still counted by address, not by group.
-    assert value(m, "dnschaos_affected_clients", scenario="gd", rule="r-nx") == 6
+    assert value(m, "dnschaos_affected_clients", run=RUN, scenario="gd", rule="r-nx") == 6
 
 
 def test_client_label_cap_first_seen_keep_labels_rest_other() -> None:
@@ -177,8 +180,8 @@ def test_labels_are_sticky_so_counters_never_go_down() -> None:
     later = faults.counts([client_row("10.0.0.5", first=NOW - 10, faults={"nxdomain": 2}),
                            client_row("10.0.0.6", first=NOW - 9, faults={"nxdomain": 2}),
                            client_row("10.0.0.1", first=NOW - 50, faults={"nxdomain": 5})])
-    assert later == {("10.0.0.5", "gd", "nxdomain"): 2, ("10.0.0.6", "gd", "nxdomain"): 2,
-                     (OTHER, "gd", "nxdomain"): 5}
+    assert later == {("10.0.0.5", RUN, "gd", "nxdomain"): 2,
+                     ("10.0.0.6", RUN, "gd", "nxdomain"): 2, (OTHER, RUN, "gd", "nxdomain"): 5}
     for key, count in first.items():
         assert later[key] >= count
 
@@ -197,7 +200,7 @@ def test_a_flood_of_clients_stays_bounded() -> None:
     labels = {dict(k)["client"] for k in samples(m, "dnschaos_client_faults_total")}
     assert len(labels) == 51 and OTHER in labels
     assert sum(samples(m, "dnschaos_client_faults_total").values()) == 20_000
-    assert value(m, "dnschaos_affected_clients", scenario="gd", rule="r-nx") == 20_000
+    assert value(m, "dnschaos_affected_clients", run=RUN, scenario="gd", rule="r-nx") == 20_000
 
 
 @pytest.mark.parametrize("client, want", [
@@ -252,8 +255,9 @@ def test_engine_without_the_game_day_api() -> None:
          if k not in ("run", "dry_run")}],
         current_phase=lambda now: (0, "p1", 5.0), scenario="gd")
     m = scrape(engine)
-    assert value(m, "dnschaos_faults_injected_total", scenario="gd", phase="p1", rule="r-nx",
-                 fault="nxdomain") == 2
+    # No run ids: the scenario stands for its one run.
+    assert value(m, "dnschaos_faults_injected_total", run="gd", scenario="gd", phase="p1",
+                 rule="r-nx", fault="nxdomain") == 2
     assert value(m, "dnschaos_active_phase", scenario="gd", phase="p1") == 1
     assert samples(m, "dnschaos_client_faults_total") == {}
     assert samples(m, "dnschaos_affected_clients") == {}
@@ -312,15 +316,90 @@ def test_real_engine_rows_become_metrics() -> None:
             ask(client)
     ask("10.1.2.7", "mail.example.test.")  # not selected: no fault
     m = scrape(engine, client_groups={"10.1.2.0/24": "payments"})
-    assert value(m, "dnschaos_faults_injected_total", scenario="gd", phase="outage",
+    assert value(m, "dnschaos_faults_injected_total", run="live", scenario="gd", phase="outage",
                  rule="r-nx", fault="nxdomain") == 6
-    assert value(m, "dnschaos_dry_run_matches_total", scenario="gd-dry", rule="r-nx") == 6
-    assert value(m, "dnschaos_affected_clients", scenario="gd", rule="r-nx") == 3
-    assert value(m, "dnschaos_affected_clients_recent", scenario="gd", rule="r-nx") == 3
-    assert value(m, "dnschaos_dry_run_clients", scenario="gd-dry", rule="r-nx") == 3
+    assert value(m, "dnschaos_dry_run_matches_total", run="dry", scenario="gd-dry", rule="r-nx") == 6
+    assert value(m, "dnschaos_affected_clients", run="live", scenario="gd", rule="r-nx") == 3
+    assert value(m, "dnschaos_affected_clients_recent", run="live", scenario="gd", rule="r-nx") == 3
+    assert value(m, "dnschaos_dry_run_clients", run="dry", scenario="gd-dry", rule="r-nx") == 3
     got = {dict(k)["client"]: v for k, v in samples(m, "dnschaos_client_faults_total").items()}
     assert got == {"payments": 5, "10.9.0.1": 1}  # 10.9.0.2 was never selected
     assert value(m, "dnschaos_active_phase", scenario="gd", phase="outage") == 1
     assert value(m, "dnschaos_run_info", run="dry", scenario="gd-dry", state="running",
                  phase="outage", dry_run="true") == 1
     assert value(m, "dnschaos_active_phase", scenario="gd-dry", phase="outage") is None
+
+
+# --- ended runs: kept for ended_run_retention, with their run id ---------------------------
+
+
+def test_ended_runs_series_stay_for_the_retention_then_go() -> None:
+    """The engine forgets a run when it ends; /metrics keeps showing its final
+    counts, under its run id, for ended_run_retention seconds (clock injected)."""
+    from random import Random
+
+    import dns.message
+
+    from proxy.core.engine import Engine
+    from proxy.core.query import QueryView
+    from proxy.gameday.runs import GameDay
+    from proxy.loader import load_scenario_text
+
+    now = [NOW]
+    engine = Engine()
+    gd = GameDay(engine, clock=lambda: now[0], ended_run_retention=600.0)
+    gd.add_scenario(load_scenario_text(SCENARIO))
+    forwarder = SimpleNamespace(stats=Stats(), upstreams=[], inflight=0, engine=engine,
+                                settings=Settings())
+    registry = make_registry(forwarder, clock=lambda: now[0], ended=gd.ended_runs)
+
+    def scrape_now() -> dict[tuple[str, frozenset], float]:
+        text = generate_latest(registry).decode()
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def ask(times: int, client: str = "10.1.2.7") -> None:
+        wire = dns.message.make_query("www.example.test.", "A").to_wire()
+        for _ in range(times):
+            assert engine.on_query(QueryView.parse(wire, client, "udp"), now[0], Random(0))
+
+    first = gd.start("gd")
+    ask(3)
+    now[0] += 1
+    gd.stop(first.id)
+    assert engine.get_run(first.id) is None  # the engine forgot it...
+    now[0] += 5
+    second = gd.start("gd")
+    ask(2, "10.9.0.1")
+    rule = {"scenario": "gd", "phase": "outage", "rule": "r-nx", "fault": "nxdomain"}
+    m = scrape_now()
+    # ...yet its counts are still there, apart from the new run's.
+    assert value(m, "dnschaos_faults_injected_total", run=first.id, **rule) == 3
+    assert value(m, "dnschaos_rule_matches_total", run=first.id, **rule) == 3
+    assert value(m, "dnschaos_faults_injected_total", run=second.id, **rule) == 2
+    assert value(m, "dnschaos_affected_clients", run=first.id, scenario="gd", rule="r-nx") == 1
+    assert value(m, "dnschaos_client_faults_total", client="10.1.2.7", run=first.id,
+                 scenario="gd", fault="nxdomain") == 3
+    assert value(m, "dnschaos_run_info", run=first.id, scenario="gd", state="ended",
+                 phase="", dry_run="false") == 1
+    # Just before the retention is over: still there.
+    now[0] = NOW + 1 + 600 - 0.001
+    assert value(scrape_now(), "dnschaos_faults_injected_total", run=first.id, **rule) == 3
+    # Once it is over: gone, the live run's series stay.
+    now[0] = NOW + 1 + 600
+    m = scrape_now()
+    assert not [k for (name, k) in m if ("run", first.id) in k]
+    assert value(m, "dnschaos_faults_injected_total", run=second.id, **rule) == 2
+    assert first.id not in gd.ended  # memory freed too
+
+
+def test_ended_run_retention_setting_and_flag() -> None:
+    from proxy.cli import build_parser, load_settings
+
+    assert Settings().ended_run_retention == 600.0
+    assert Settings.model_validate({"ended_run_retention": "2m"}).ended_run_retention == 120.0
+    with pytest.raises(ValueError):
+        Settings.model_validate({"ended_run_retention": "0s"})
+    args = build_parser().parse_args(["run", "--upstream", "127.0.0.1:53",
+                                      "--ended-run-retention", "90s"])
+    assert load_settings(args).ended_run_retention == 90.0

@@ -22,13 +22,13 @@ RULES = [
 CLIENTS = [
     {"run": "s-1", "scenario": "s", "phase": "one", "rule": "a", "client": "10.0.0.1",
      "dry_run": False, "first_seen": 1.0, "last_seen": 5.0, "faults": {"nxdomain": 2},
-     "names": {"db.internal": 2}},
+     "names": {"db.internal": 2, "flap.internal": 3}, "faulted": {"db.internal": 2}},
     {"run": "s-1", "scenario": "s", "phase": "two", "rule": "b", "client": "10.0.0.1",
      "dry_run": False, "first_seen": 11.0, "last_seen": 11.0, "faults": {"servfail": 1},
-     "names": {"cache.internal": 1}},
+     "names": {"cache.internal": 1}, "faulted": {"cache.internal": 1}},
     {"run": "s-1", "scenario": "s", "phase": "one", "rule": "a", "client": "10.0.0.7",
      "dry_run": False, "first_seen": 2.0, "last_seen": 2.0, "faults": {"nxdomain": 1},
-     "names": {"db.internal": 1}},
+     "names": {"db.internal": 1}, "faulted": {"db.internal": 1}},
 ]
 
 
@@ -38,12 +38,16 @@ def test_report_folds_clients_and_keeps_why() -> None:
     assert report["duration"] == 20.0
     first, second = report["clients"]
     assert first == {"client": "10.0.0.1", "first_seen": "1970-01-01T00:00:01.000Z",
-                     "last_seen": "1970-01-01T00:00:11.000Z", "queries": 3,
+                     "last_seen": "1970-01-01T00:00:11.000Z", "queries": 6,
                      "faults": {"nxdomain": 2, "servfail": 1},
-                     "names": {"db.internal": 2, "cache.internal": 1},
+                     "names": {"db.internal": 2, "flap.internal": 3, "cache.internal": 1},
+                     "faulted": {"db.internal": 2, "cache.internal": 1},
                      "rules": ["one/a", "two/b"]}
     assert second["client"] == "10.0.0.7"
-    assert report["names"] == {"db.internal": 3, "cache.internal": 1}
+    # Every name asked (a flap that was off for flap.internal), and the names faulted.
+    assert report["names"] == {"db.internal": 3, "flap.internal": 3, "cache.internal": 1}
+    assert list(report["names"]) == ["db.internal", "flap.internal", "cache.internal"]
+    assert report["names_faulted"] == {"db.internal": 3, "cache.internal": 1}
     assert [r["clients"] for r in report["rules"]] == [2, 1]
     assert report["totals"] == {"matched": 4, "injected": 4, "clients": 2}
     assert [p["started_at"] for p in report["timeline"]] == [
@@ -57,6 +61,10 @@ def test_markdown_and_files(tmp_path: Path) -> None:
         "last": {"time": "t", "ok": False, "detail": "HTTP 503"}, "history": []}])
     text = to_markdown(report)
     assert "| 10.0.0.1 |" in text and "| 10.0.0.7 |" in text
+    faulted = text.split("## Names faulted", 1)[1].split("\n## ", 1)[0]
+    asked = text.split("## Names asked", 1)[1].split("\n## ", 1)[0]
+    assert "| db.internal | 3 |" in faulted and "flap.internal" not in faulted
+    assert "| flap.internal | 3 |" in asked and "| cache.internal | 1 |" in asked
     assert "**aborted**: probe api failed" in text and "FAIL HTTP 503" in text
     json_path, md_path = write_report(tmp_path, report)
     assert json.loads(json_path.read_text()) == report and md_path.read_text() == text

@@ -150,8 +150,24 @@ def test_client_stats_are_bounded() -> None:
     assert (rows["other"]["first_seen"], rows["other"]["last_seen"]) == (2.0, 4.0)
     names = rows["10.0.0.0"]["names"]
     assert len(names) == 101 and names["other"] == 21
+    assert len(rows["10.0.0.0"]["faulted"]) == 101  # the same cap for the faulted names
     assert set(rows["10.0.0.0"]) == {"run", "scenario", "phase", "rule", "client", "dry_run",
-                                     "first_seen", "last_seen", "faults", "names"}
+                                     "first_seen", "last_seen", "faults", "names", "faulted"}
+
+
+def test_names_asked_and_names_faulted_apart() -> None:
+    """A flap: every query is selected (names), only those in its on time get
+    the fault (faulted)."""
+    engine = Engine()
+    flap = Rule.model_validate({"match": {"suffix": "internal"}, "fault": {
+        "type": "flap", "period": 10, "duty": 0.5, "fault": "nxdomain"}})
+    engine.add_rule("rule:f", flap, 0.0)
+    assert rcode(engine.on_query(q("on.internal"), 1.0, RNG)) == NX  # on for 0-5 s
+    assert engine.on_query(q("off.internal"), 6.0, RNG) is None  # off for 5-10 s
+    assert rcode(engine.on_query(q("on.internal"), 11.0, RNG)) == NX
+    (row,) = engine.client_stats()
+    assert row["names"] == {"on.internal": 2, "off.internal": 1}
+    assert row["faulted"] == {"on.internal": 2}
 
 
 def test_a_delayed_verdict_names_its_run() -> None:

@@ -166,6 +166,7 @@ def test_stats_and_clients_merge_over_workers() -> None:
     clients = {(r["rule"], r["client"]): r for r in fan.client_stats()}
     one = clients[("www", "10.0.0.1")]
     assert one["faults"] == {"nxdomain": 4} and one["names"] == {"www.example.test": 4}
+    assert one["faulted"] == {"www.example.test": 4}
     assert (one["first_seen"], one["last_seen"]) == (NOW + 0.5, NOW + 3)
     assert clients[("www2", "10.0.0.2")]["faults"] == {"servfail": 1}
     assert len(clients) == 3
