@@ -125,6 +125,7 @@ class Server:
             self._udp_frontends.append(frontend)
             self._tcp.append(tcp)
             self.listen_addresses.append(listener)
+        self.forwarder.start_loop_probes()
 
     async def _start_admin(self) -> None:
         if self.settings.admin:
