@@ -264,6 +264,9 @@ class WorkerPool:
             for sock in self._reserved:
                 sock.close()
             self._reserved.clear()
+        # Probe for loops again now that only workers hold the ports: the
+        # probes they sent at start may have reached a reserving socket.
+        self.request("probe_loops", wait=False)
         self._monitor = asyncio.get_running_loop().create_task(self._watch(),
                                                                name="worker monitor")
 
@@ -1040,6 +1043,9 @@ class Worker:
                     return  # not acknowledged
             elif kind == "release":
                 value = self.forwarder.release_delayed()
+            elif kind == "probe_loops":
+                self.forwarder.probe_loops()
+                value = None
             elif kind == "snapshot":
                 _, _, parts, run = message
                 value = {}
