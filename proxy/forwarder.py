@@ -88,7 +88,7 @@ class Upstream:
         self.fails = 0
         self.down_until = 0.0  # loop time; 0 when up
         self.looped = False  # a loop probe came back to us: never forwarded to
-        self.probe: ProbeSocket | None = None
+        self.probes: dict[bytes, bytes] = {}  # loop probes sent: ID -> question
         self.stats = UpstreamStats()
 
     @property
@@ -122,7 +122,10 @@ class UpstreamSocket(asyncio.DatagramProtocol):
         pending = self.pending
         entry = pending.get(txid)
         if entry is None:
-            self.forwarder.stats.unmatched_replies += 1
+            if txid in self.upstream.probes:
+                self.forwarder.probe_answered(self.upstream, data)
+            else:
+                self.forwarder.stats.unmatched_replies += 1
             return
         question = entry[QUESTION]
         if not (
@@ -151,34 +154,6 @@ class UpstreamSocket(asyncio.DatagramProtocol):
         # ICMP errors (port unreachable) on a connected socket: the kernel
         # does not say which send caused it.
         self.forwarder.unreachable(self, exc)
-
-
-class ProbeSocket(asyncio.DatagramProtocol):
-    """A connected UDP socket that sends an upstream the loop probes."""
-
-    def __init__(self, forwarder: Forwarder, upstream: Upstream) -> None:
-        self.forwarder = forwarder
-        self.upstream = upstream
-        self.expected: dict[bytes, bytes] = {}  # probe ID -> its question
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def send(self, query: bytes) -> None:
-        if len(self.expected) >= 8:
-            self.expected.clear()  # old probes nobody answered
-        self.expected[query[:2]] = query[12:]
-        self.transport.sendto(query)  # type: ignore[union-attr]
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        question = self.expected.pop(data[:2], None)
-        if question is not None and len(data) >= 12 and data[2] & _QR_BIT and (
-                data.startswith(question, 12) or _same_question(data, question)):
-            self.forwarder.probe_answered(self.upstream, data)
-
-    def error_received(self, exc: Exception) -> None:
-        pass  # the upstream's query sockets see it too
 
 
 def _same_question(data: bytes, question: bytes) -> bool:
@@ -244,8 +219,6 @@ class Forwarder:
                 )
                 upstream.sockets.append(protocol)
                 self.sockets.append(protocol)
-            _, upstream.probe = await self.loop.create_datagram_endpoint(
-                lambda u=upstream: ProbeSocket(self, u), remote_addr=upstream.addr)
         self.pending_cap = max(1, self.settings.max_pending // max(1, len(self.sockets)))
         self._recompute_orders()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
@@ -264,9 +237,6 @@ class Forwarder:
         self.sockets.clear()
         for upstream in self.upstreams:
             upstream.sockets.clear()
-            if upstream.probe is not None and upstream.probe.transport:
-                upstream.probe.transport.close()
-            upstream.probe = None
 
     # --- the query path ----------------------------------------------------
 
@@ -480,12 +450,22 @@ class Forwarder:
         self._last_probe = now
         self._next_probe = now + PROBE_INTERVAL
         for index, upstream in enumerate(self.upstreams):
-            if upstream.probe is None or upstream.probe.transport is None:
+            if not upstream.sockets:
                 continue
-            name = b"".join(bytes([len(label)]) + label for label in (
-                os.urandom(4).hex().encode(), b"u%d" % index, self.loop_token)) + PROBE_SUFFIX
-            upstream.probe.send(os.urandom(2) + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
-                                + name + struct.pack("!HH", HINFO, 1))
+            # On a query socket (not counted as a request): an ICMP error
+            # tells at once that the upstream is unreachable.
+            sock = upstream.sockets[0]
+            txid = os.urandom(2)
+            while txid in sock.pending:
+                txid = os.urandom(2)
+            question = b"".join(bytes([len(label)]) + label for label in (
+                os.urandom(4).hex().encode(), b"u%d" % index, self.loop_token,
+            )) + PROBE_SUFFIX + struct.pack("!HH", HINFO, 1)
+            if len(upstream.probes) >= 8:
+                upstream.probes.clear()  # old probes nobody answered
+            upstream.probes[txid] = question
+            sock.transport.sendto(  # type: ignore[union-attr]
+                txid + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + question)
 
     def _own_probe(self, data: bytes, qend: int, addr: Any, reply_to: Any,
                    listener: str) -> bool:
@@ -511,6 +491,11 @@ class Forwarder:
         return True
 
     def probe_answered(self, upstream: Upstream, reply: bytes) -> None:
+        question = upstream.probes.pop(reply[:2])
+        if not (len(reply) >= 12 and reply[2] & _QR_BIT and (
+                reply.startswith(question, 12) or _same_question(reply, question))):
+            self.stats.mismatched_replies += 1
+            return
         if self._probe_marker in reply:
             self.loop_detected(upstream, "its answer to a loop probe came from this proxy")
         elif upstream.looped and reply[3] & 15 in (wire.NOERROR, wire.NXDOMAIN):

@@ -94,12 +94,25 @@ SLOW = ("--timeout", "2", "--deadline", "4")  # two attempts of 2 s
 SLOW_TIMEOUT = 2.0
 
 
+def wait_until(check, timeout: float = 3.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_unreachable_upstream_is_skipped_at_once(start_proxy, unbound):
     """The first upstream's port is closed: its ICMP error sends the query to
     the next upstream at once, well before the 2 s attempt timeout; counted
-    as an error, not a timeout, and logged as unreachable."""
+    as an error, not a timeout, and logged as unreachable.  (The loop probe
+    at start already finds it unreachable; with down_time 0 it is first in
+    line again at once, so the query tries it.)"""
     dead = dead_upstream()
-    proxy = start_proxy(*SLOW, "--policy", "sequential", upstreams=[dead, unbound])
+    proxy = start_proxy(*SLOW, "--policy", "sequential", upstreams=[dead, unbound],
+                        config={"down_time": 0})
+    assert wait_until(lambda: proxy.metric("dnschaos_upstream_up", upstream=dead) == 1)
     query = make_query(zone.WWW, "A")
     reply, elapsed = timed(udp, query, proxy, timeout=SLOW_TIMEOUT * 3)
     assert_same_reply(reply, udp(query, unbound.host, unbound.port))
@@ -107,7 +120,6 @@ def test_unreachable_upstream_is_skipped_at_once(start_proxy, unbound):
     assert proxy.metric("dnschaos_upstream_requests_total", upstream=dead) == 1
     assert proxy.metric("dnschaos_upstream_errors_total", upstream=dead) >= 1
     assert proxy.metric("dnschaos_upstream_timeouts_total", upstream=dead) == 0
-    assert proxy.metric("dnschaos_upstream_up", upstream=dead) == 0
     # The good upstream: no error, no timeout, still up.
     assert proxy.metric("dnschaos_upstream_errors_total", upstream=unbound.hostport) == 0
     assert proxy.metric("dnschaos_upstream_timeouts_total", upstream=unbound.hostport) == 0
@@ -129,6 +141,7 @@ def test_all_unreachable_servfail_after_the_attempts_without_a_storm(start_proxy
     time.sleep(0.3)
     sent = [proxy.metric("dnschaos_upstream_requests_total", upstream=u) for u in dead]
     assert sent == [1, 1], "one attempt each, no retry storm"
+    assert proxy.metric("dnschaos_upstream_up") == 0
     assert proxy.metric("dnschaos_upstream_timeouts_total") == 0
     assert proxy.metric("dnschaos_servfail_sent_total", reason="deadline") == 1
 
