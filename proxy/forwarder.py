@@ -484,10 +484,11 @@ class Forwarder:
         if index.isdigit() and int(index) < len(self.upstreams):
             self.loop_detected(self.upstreams[int(index)],
                                f"its loop probe came back to {listener} from {addr[0]}")
-        rdata = self._probe_marker
-        reply_to.sendto(data[:2] + bytes([0x84 | data[2] & 1, 0]) + b"\x00\x01\x00\x01\x00\x00\x00\x00"
-                        + data[12:qend] + b"\xc0\x0c" + struct.pack("!HHIH", HINFO, 1, 0, len(rdata))
-                        + rdata, addr)
+        # QR AA (RD copied), NOERROR; the question; HINFO "dnschaos-loop" "<token>".
+        marker = self._probe_marker
+        reply_to.sendto(data[:2] + bytes([0x84 | data[2] & 1, 0]) + b"\x00\x01\x00\x01\x00\x00"
+                        + b"\x00\x00" + data[12:qend] + b"\xc0\x0c"
+                        + struct.pack("!HHIH", HINFO, 1, 0, len(marker)) + marker, addr)
         return True
 
     def probe_answered(self, upstream: Upstream, reply: bytes) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import dns.rcode
 import pytest
-
 from support import zone
 from support.dnsutil import addresses, make_query, tcp, udp
 from support.net import free_port, hostport, ipv6_loopback_available
@@ -38,7 +37,7 @@ ATTEMPTS = 3  # the defaults: deadline 3 s in attempts of 1 s
 
 def run_proxy(*args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "proxy", "run", "--admin", "off", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 LOOPS = {
@@ -63,6 +62,17 @@ def test_upstream_that_is_an_own_listener_is_refused(case):
     assert len(lines) == 1, proc.stderr
     assert upstream in lines[0] and listen in lines[0] and "loop" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_loop_is_refused_from_the_config_file_and_with_workers(tmp_path):
+    port = free_port()
+    config = tmp_path / "loop.yaml"
+    config.write_text(f'listen: ["0.0.0.0:{port}"]\nupstreams: ["127.0.0.1:{port}"]\n')
+    for args in (["--config", str(config)], ["--config", str(config), "--workers", "2"]):
+        proc = run_proxy(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert f"upstream 127.0.0.1:{port} reaches this proxy's own listener 0.0.0.0:{port}" \
+            in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_upstream_beside_a_listener_is_not_refused(start_proxy, unbound):
@@ -221,18 +231,17 @@ def unbound_forwarding_to(tmp_path):
         port = free_port()
         conf = tmp_path / "forwarder.conf"
         conf.write_text(UNBOUND_FORWARDER.format(port=port, dir=tmp_path, back=back))
-        log = open(tmp_path / "forwarder.log", "wb")
-        proc = subprocess.Popen(["unbound", "-d", "-c", str(conf)], stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        started.append((proc, log))
+        with open(tmp_path / "forwarder.log", "wb") as log:
+            proc = subprocess.Popen(["unbound", "-d", "-c", str(conf)], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        started.append(proc)
         time.sleep(0.5)
         assert proc.poll() is None, (tmp_path / "forwarder.log").read_text()
         return hostport("127.0.0.1", port)
 
     yield start
-    for proc, log in started:
+    for proc in started:
         stop_process(proc)
-        log.close()
 
 
 def test_loop_through_unbound_is_found(start_proxy, unbound_forwarding_to):
