@@ -20,6 +20,7 @@ from pathlib import Path
 
 import dns.rcode
 import pytest
+
 from support import zone
 from support.dnsutil import addresses, make_query, tcp, udp
 from support.net import free_port, hostport, ipv6_loopback_available
