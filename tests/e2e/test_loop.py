@@ -23,6 +23,7 @@ import pytest
 
 from support import zone
 from support.dnsutil import addresses, make_query, tcp, udp
+from support.fake_upstream import answer_a
 from support.net import free_port, hostport, ipv6_loopback_available
 from support.procs import stop_process
 from support.proxy_process import REPO
@@ -255,3 +256,21 @@ def test_loop_through_unbound_is_found(start_proxy, unbound_forwarding_to):
     assert a.metric("dnschaos_upstream_requests_total", upstream=forwarder) <= ATTEMPTS
     assert found and reply.rcode() == dns.rcode.SERVFAIL
     assert a.metric("dnschaos_upstream_requests_total", upstream=forwarder) == 0
+
+
+def test_looped_upstream_is_used_again_once_the_loop_is_gone(start_proxy, fake_upstream):
+    """B, which forwarded back, is replaced by a resolver on the same port:
+    the next periodic probe (10 s) gets a real answer (NXDOMAIN), and A
+    forwards to it again."""
+    a, b = proxy_pair(start_proxy)
+    assert wait_for(lambda: a.metric("dnschaos_upstream_looped", upstream=b.hostport) == 1)
+    b.stop()
+    fake = fake_upstream(answer_a("192.0.2.7"), port=b.port)
+    assert a.metric("dnschaos_upstream_looped", upstream=b.hostport) == 1
+    assert udp(make_query(zone.WWW, "A"), a.host, a.port, timeout=5).rcode() == dns.rcode.SERVFAIL
+    assert wait_for(lambda: a.metric("dnschaos_upstream_looped", upstream=b.hostport) == 0,
+                    timeout=15)
+    reply = udp(make_query(zone.WWW, "A"), a.host, a.port, timeout=5)
+    assert addresses(reply) == {"192.0.2.7"}
+    assert fake.count() == 1
+    assert "no longer loops back to this proxy" in a.stderr_text()
