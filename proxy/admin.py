@@ -22,8 +22,9 @@ def make_app(server: Any) -> web.Application:
 
     async def health(request: web.Request) -> web.Response:
         forwarder = server.forwarder
-        upstreams = {u.name: ("up" if u.up else "down") for u in forwarder.upstreams}
-        healthy = any(u.up for u in forwarder.upstreams)
+        upstreams = {u.name: "looped" if u.looped else "up" if u.up else "down"
+                     for u in forwarder.upstreams}
+        healthy = "up" in upstreams.values()
         return web.json_response(
             {"status": "ok" if healthy else "degraded", "upstreams": upstreams},
             status=200 if healthy else 503,

@@ -144,7 +144,8 @@ def load_settings(args: argparse.Namespace,
         settings = Settings.model_validate(values)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            ": ".join(filter(None, (".".join(str(p) for p in e["loc"]),
+                                    e["msg"].removeprefix("Value error, "))))
             for e in exc.errors()
         )
         raise DnschaosError(f"invalid option: {problems}") from None

@@ -4,10 +4,11 @@ share this one model, so both accept the same options."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from proxy.core.model import Base, Cidr, Duration, parse_duration
 from proxy.errors import ConfigError
@@ -53,6 +54,46 @@ def _hostport(default_port: int):
         return format_hostport(*split_hostport(str(value), default_port))
 
     return check
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    address = ipaddress.ip_address(host.split("%")[0])
+    if address.version == 6 and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def is_local_address(host: str) -> bool:
+    """Whether `host` is an address of this machine: loopback, unspecified
+    (sending to it reaches this machine), or one a socket can bind to."""
+    address = _address(host)
+    if address.is_loopback or address.is_unspecified:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((str(address), 0))
+    except OSError:
+        return False
+    return True
+
+
+def listener_receives(listen: str, upstream: str) -> bool:
+    """Whether queries sent to `upstream` arrive at the listener `listen`:
+    the same port, and the same address, or a wildcard listener (0.0.0.0
+    covers this machine's IPv4 addresses, [::] all of them, UDP on [::]
+    taking IPv4 too) and an address of this machine.  A listener on port 0
+    gets its port at bind time: only the run-time probe can tell."""
+    listen_host, listen_port = split_hostport(listen, DNS_PORT)
+    up_host, up_port = split_hostport(upstream, 53)
+    if listen_port != up_port or listen_port == 0:
+        return False
+    here, there = _address(listen_host), _address(up_host)
+    if there.is_unspecified:  # the kernel sends that to loopback
+        there = ipaddress.ip_address("127.0.0.1" if there.version == 4 else "::1")
+    if here.is_unspecified:
+        return (here.version == 6 or there.version == 4) and is_local_address(str(there))
+    return here == there
 
 
 def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[str]:
@@ -154,11 +195,21 @@ class Settings(Base):
     def _admin(cls, value: str | None) -> str | None:
         return None if value in (None, "", "off") else _hostport(ADMIN_PORT)(value)
 
+    @model_validator(mode="after")
+    def _no_upstream_is_a_listener(self) -> Settings:
+        for upstream in self.upstreams:
+            listen = self.own_listener(upstream)
+            if listen is not None:
+                raise ValueError(
+                    f"upstream {upstream} reaches this proxy's own listener {listen}: "
+                    "forwarding to it would loop")
+        return self
+
     def with_resolv_conf(self, path: str = "/etc/resolv.conf") -> Settings:
         """Fill in upstreams from resolv.conf when none were given."""
         if self.upstreams:
             return self
-        found = [u for u in resolv_conf_nameservers(path) if not self._is_own_listener(u)]
+        found = [u for u in resolv_conf_nameservers(path) if self.own_listener(u) is None]
         if not found:
             raise ConfigError(
                 f"no upstream resolver: {path} lists none (besides this proxy); "
@@ -166,8 +217,10 @@ class Settings(Base):
             )
         return self.model_copy(update={"upstreams": found})
 
-    def _is_own_listener(self, upstream: str) -> bool:
-        return upstream in self.listen
+    def own_listener(self, upstream: str) -> str | None:
+        """The listen address that `upstream` would reach, if any: forwarding there loops."""
+        return next((listen for listen in self.listen if listener_receives(listen, upstream)),
+                    None)
 
     def admin_on_loopback(self) -> bool:
         """Whether only this machine can reach the admin listener.  A wildcard

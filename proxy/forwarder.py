@@ -17,7 +17,19 @@ How it works:
   expired and retries each on the next upstream of the query's order; after
   the last attempt the client gets SERVFAIL, at the deadline, never silence.
 - An upstream that times out `max_fails` times in a row is marked down and
-  tried last for `down_time` seconds, then gets another chance.
+  tried last for `down_time` seconds, then gets another chance.  One that
+  is unreachable (ICMP port unreachable on its socket) is marked down at
+  once, and the queries waiting on that socket go to their next attempt
+  at once: nothing will answer them there.
+- Forwarding loops (an upstream that sends our queries back to us, directly
+  or through other forwarders): at start, every PROBE_INTERVAL seconds and
+  when many queries come from an upstream's address, each upstream is sent
+  a probe, an HINFO query for `<random>.u<index>.<token>.dnschaos-loop.`
+  (the token is this proxy's, shared by its worker processes).  A probe
+  that reaches one of our listeners is never forwarded: it is answered
+  with a marker record, and that upstream is marked looped (as is one
+  whose answer to a probe carries the marker).  A looped upstream gets no
+  queries (none left: SERVFAIL at once) until a probe gets a real answer.
 - A query a fault delays waits in `_delayed` under a timer, filed under the
   run whose rule holds it (the verdict's `run`).  `release_delayed(run)`
   forwards that run's held queries at once, unfaulted, when it stops or
@@ -53,6 +65,12 @@ from proxy.stats import Stats, UpstreamStats
 log = logging.getLogger("dnschaos.forwarder")
 
 SWEEP_INTERVAL = 0.05  # seconds between timeout sweeps: the timeouts' granularity
+PROBE_INTERVAL = 10.0  # seconds between loop probes of every upstream
+PROBE_MIN_GAP = 1.0  # seconds at least between probe rounds a suspicion starts
+SUSPICIOUS = 64  # queries from upstreams' addresses in one sweep that start a probe round
+PROBE_LABEL = b"dnschaos-loop"
+PROBE_SUFFIX = bytes([len(PROBE_LABEL)]) + PROBE_LABEL + b"\x00"
+HINFO = 13
 
 # Fields of a pending query (a list: cheaper to build per query than an object).
 CLIENT_ID, ADDR, REPLY_TO, TCP, QUESTION, QUERY, ORDER, TRIES, SENT, RESPOND, VIEW, START = (
@@ -76,6 +94,8 @@ class Upstream:
         self.sockets: list[UpstreamSocket] = []
         self.fails = 0
         self.down_until = 0.0  # loop time; 0 when up
+        self.looped = False  # a loop probe came back to us: never forwarded to
+        self.probes: dict[bytes, bytes] = {}  # loop probes sent: ID -> question
         self.stats = UpstreamStats()
 
     @property
@@ -109,7 +129,10 @@ class UpstreamSocket(asyncio.DatagramProtocol):
         pending = self.pending
         entry = pending.get(txid)
         if entry is None:
-            self.forwarder.stats.unmatched_replies += 1
+            if txid in self.upstream.probes:
+                self.forwarder.probe_answered(self.upstream, data)
+            else:
+                self.forwarder.stats.unmatched_replies += 1
             return
         question = entry[QUESTION]
         if not (
@@ -135,9 +158,9 @@ class UpstreamSocket(asyncio.DatagramProtocol):
         entry[REPLY_TO].sendto(entry[CLIENT_ID] + data[2:], entry[ADDR])
 
     def error_received(self, exc: Exception) -> None:
-        # ICMP errors (port unreachable) on a connected socket: the timeout
-        # logic handles the consequences; count it for visibility.
-        self.upstream.stats.errors += 1
+        # ICMP errors (port unreachable) on a connected socket: the kernel
+        # does not say which send caused it.
+        self.forwarder.unreachable(self, exc)
 
 
 def _same_question(data: bytes, question: bytes) -> bool:
@@ -154,7 +177,7 @@ class Forwarder:
     """Takes queries from the frontends and carries them to the upstreams."""
 
     def __init__(self, settings: Settings, engine: Any, stats: Stats | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, loop_token: str | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.stats = stats or Stats()
@@ -180,6 +203,14 @@ class Forwarder:
         self._delay_seq = 0
         self._tasks: set[asyncio.Task] = set()
         self.loop: Any = None
+        # Loop probes: the token names this proxy (its workers share it).
+        self.loop_token = (loop_token or os.urandom(4).hex()).lower().encode()
+        self._probe_marker = (bytes([len(PROBE_LABEL)]) + PROBE_LABEL
+                              + bytes([len(self.loop_token)]) + self.loop_token)
+        self._next_probe = 0.0  # 0: probing not started
+        self._last_probe = 0.0
+        self._upstream_hosts = frozenset(u.addr[0] for u in self.upstreams)
+        self._from_upstreams = 0  # queries from an upstream's address since the last sweep
 
     @property
     def inflight(self) -> int:
@@ -226,6 +257,11 @@ class Forwarder:
             self._malformed(data, addr, reply_to, tcp, exc)
             return
         self.stats.qtypes[wire.qtype_of(data, qend)] += 1
+        if data[qend - 3] == HINFO and not data[qend - 4] and self._own_probe(
+                data, qend, addr, reply_to, listener):
+            return
+        if addr[0] in self._upstream_hosts:
+            self._from_upstreams += 1  # a loop, or a client beside the upstream
         allowed = self._acl_cache.get(addr[0])
         if allowed is None:
             allowed = self._acl_check(addr[0])
@@ -253,11 +289,17 @@ class Forwarder:
     def _send_attempt(self, entry: list) -> None:
         order = entry[ORDER]
         tries = entry[TRIES]
-        upstream = order[tries % len(order)]
-        entry[TRIES] = tries + 1
         entry[SENT] = now = _clock()
         if not tries:
             entry[START] = now
+        upstream = order[tries % len(order)]
+        while upstream.looped:  # in the order before its loop was found: skipping it uses the try
+            tries += 1
+            if tries >= self.attempts:
+                self._servfail(entry)
+                return
+            upstream = order[tries % len(order)]
+        entry[TRIES] = tries + 1
         pos = self._random_pos
         randoms = self._random
         if pos >= len(randoms):
@@ -331,6 +373,10 @@ class Forwarder:
         for upstream in self.upstreams:
             if upstream.down_until and upstream.down_until <= now:
                 self._give_another_chance(upstream)
+        if self._next_probe and (now >= self._next_probe or (
+                self._from_upstreams >= SUSPICIOUS and now >= self._last_probe + PROBE_MIN_GAP)):
+            self.probe_loops()
+        self._from_upstreams = 0
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _expire(self, entry: list, upstream: Upstream, now: float) -> None:
@@ -341,11 +387,32 @@ class Forwarder:
             log.warning("upstream %s marked down after %d timeouts in a row",
                         upstream.name, upstream.fails)
             self._recompute_orders()
+        self._next_attempt(entry)
+
+    def _next_attempt(self, entry: list) -> None:
         if entry[TRIES] < self.attempts:
             self._send_attempt(entry)  # the next upstream of the query's order
         else:
             self.stats.servfail_deadline += 1
             self._servfail(entry)
+
+    def unreachable(self, sock: UpstreamSocket, exc: Exception) -> None:
+        """An ICMP error on `sock`: its upstream's port is closed (or its
+        host unreachable).  Marked down at once; the queries waiting on that
+        socket are retried now, each within its attempts, so a set of dead
+        upstreams ends in SERVFAIL after a query's attempts, not a storm."""
+        upstream = sock.upstream
+        upstream.stats.errors += 1
+        upstream.fails += 1
+        if upstream.up:
+            upstream.down_until = _clock() + self.settings.down_time
+            log.warning("upstream %s unreachable (%s): marked down", upstream.name,
+                        exc.strerror or exc)
+            self._recompute_orders()
+        waiting = list(sock.pending.values())
+        sock.pending.clear()
+        for entry in waiting:
+            self._next_attempt(entry)
 
     def mark_alive(self, upstream: Upstream) -> None:
         was_down = not upstream.up
@@ -366,8 +433,9 @@ class Forwarder:
         """The orders in which upstreams are tried: healthy ones first, in
         configured order (sequential), rotated per query (round_robin), or a
         random rotation per query (random)."""
-        up = [u for u in self.upstreams if u.up]
-        down = [u for u in self.upstreams if not u.up]
+        usable = [u for u in self.upstreams if not u.looped]
+        up = [u for u in usable if u.up]
+        down = [u for u in usable if not u.up]
         policy = self.settings.policy
         if policy == "sequential" or len(up) <= 1:
             orders = [tuple(up + down)]
@@ -377,7 +445,83 @@ class Forwarder:
                 # Queries walk this list in turn; a long shuffled list makes the
                 # first choice random per query without a draw per query.
                 orders = [self.rng.choice(orders) for _ in range(64 * len(orders))]
-        self._orders = orders if self.upstreams else []
+        self._orders = orders if usable else []
+
+    # --- forwarding loops ------------------------------------------------------
+
+    def start_loop_probes(self) -> None:
+        """Probe every upstream now and every PROBE_INTERVAL from now on;
+        called once the listeners are bound, so a probe that comes back finds them."""
+        self.probe_loops()
+
+    def probe_loops(self) -> None:
+        now = _clock()
+        self._last_probe = now
+        self._next_probe = now + PROBE_INTERVAL
+        for index, upstream in enumerate(self.upstreams):
+            if not upstream.sockets:
+                continue
+            # On a query socket (not counted as a request): an ICMP error
+            # tells at once that the upstream is unreachable.
+            sock = upstream.sockets[0]
+            txid = os.urandom(2)
+            while txid in sock.pending:
+                txid = os.urandom(2)
+            question = b"".join(bytes([len(label)]) + label for label in (
+                os.urandom(4).hex().encode(), b"u%d" % index, self.loop_token,
+            )) + PROBE_SUFFIX + struct.pack("!HH", HINFO, 1)
+            if len(upstream.probes) >= 8:
+                upstream.probes.clear()  # old probes nobody answered
+            upstream.probes[txid] = question
+            sock.transport.sendto(  # type: ignore[union-attr]
+                txid + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + question)
+
+    def _own_probe(self, data: bytes, qend: int, addr: Any, reply_to: Any,
+                   listener: str) -> bool:
+        """Whether the query is one of our loop probes come back: then it is
+        answered here, with the marker, and never forwarded."""
+        name = data[12:qend - 4].lower()
+        if not name.endswith(PROBE_SUFFIX):
+            return False
+        labels, pos = [], 0
+        while pos < len(name) and 0 < name[pos] < 64:
+            labels.append(name[pos + 1:pos + 1 + name[pos]])
+            pos += 1 + name[pos]
+        if len(labels) != 4 or labels[2] != self.loop_token:
+            return False  # another proxy's probe: a query like any other
+        index = labels[1][1:]
+        if index.isdigit() and int(index) < len(self.upstreams):
+            self.loop_detected(self.upstreams[int(index)],
+                               f"its loop probe came back to {listener} from {addr[0]}")
+        # QR AA (RD copied), NOERROR; the question; HINFO "dnschaos-loop" "<token>".
+        marker = self._probe_marker
+        reply_to.sendto(data[:2] + bytes([0x84 | data[2] & 1, 0]) + b"\x00\x01\x00\x01\x00\x00"
+                        + b"\x00\x00" + data[12:qend] + b"\xc0\x0c"
+                        + struct.pack("!HHIH", HINFO, 1, 0, len(marker)) + marker, addr)
+        return True
+
+    def probe_answered(self, upstream: Upstream, reply: bytes) -> None:
+        question = upstream.probes.pop(reply[:2])
+        if not (len(reply) >= 12 and reply[2] & _QR_BIT and (
+                reply.startswith(question, 12) or _same_question(reply, question))):
+            self.stats.mismatched_replies += 1
+            return
+        if self._probe_marker in reply:
+            self.loop_detected(upstream, "its answer to a loop probe came from this proxy")
+        elif upstream.looped and reply[3] & 15 in (wire.NOERROR, wire.NXDOMAIN):
+            upstream.looped = False  # a real answer: something else resolved it
+            log.warning("upstream %s no longer loops back to this proxy", upstream.name)
+            self._recompute_orders()
+
+    def loop_detected(self, upstream: Upstream, how: str) -> None:
+        if upstream.looped:
+            return
+        upstream.looped = True
+        upstream.stats.loops += 1
+        log.error("upstream %s forwards back to this proxy (%s): forwarding loop; "
+                  "no query goes to it until a loop probe gets a real answer",
+                  upstream.name, how)
+        self._recompute_orders()
 
     # --- TCP retry after truncation -----------------------------------------
 

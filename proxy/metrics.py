@@ -144,7 +144,10 @@ class ForwarderCollector(Collector):
         per_upstream = {
             "timeouts": ("dnschaos_upstream_timeouts", "Attempts the upstream did not answer in time."),
             "tcp_requests": ("dnschaos_upstream_tcp_requests", "Queries retried over TCP."),
-            "errors": ("dnschaos_upstream_errors", "Socket errors talking to the upstream."),
+            "errors": ("dnschaos_upstream_errors",
+                       "Socket errors talking to the upstream (ICMP unreachable, TCP failures)."),
+            "loops": ("dnschaos_upstream_loops",
+                      "Times a loop probe showed the upstream forwards back to this proxy."),
         }
         requests = CounterMetricFamily(
             "dnschaos_upstream_requests", "Queries sent to the upstream.", labels=["upstream"])
@@ -171,6 +174,13 @@ class ForwarderCollector(Collector):
         for upstream in fwd.upstreams:
             up.add_metric([upstream.name], 1 if upstream.up else 0)
         yield up
+        looped = GaugeMetricFamily(
+            "dnschaos_upstream_looped",
+            "1 while the upstream forwards back to this proxy (a forwarding loop): "
+            "it gets no queries.", labels=["upstream"])
+        for upstream in fwd.upstreams:
+            looped.add_metric([upstream.name], 1 if getattr(upstream, "looped", False) else 0)
+        yield looped
         yield from _worker_metrics(fwd, s)
 
     def _engine_metrics(self, engine: Any) -> Iterator[Any]:

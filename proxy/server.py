@@ -142,6 +142,7 @@ class Server:
             self._udp.append(udp)
             self._udp_frontends.append(frontend)
             self.listen_addresses.append(listener)
+        self.forwarder.start_loop_probes()
 
     async def _start_admin(self) -> None:
         if self.settings.admin:

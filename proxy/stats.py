@@ -55,7 +55,7 @@ class Stats:
 class UpstreamStats:
     """Counters of one upstream."""
 
-    __slots__ = ("timeouts", "tcp_requests", "errors", "latency")
+    __slots__ = ("timeouts", "tcp_requests", "errors", "loops", "latency")
 
     def __init__(self) -> None:
         for name in self.__slots__:

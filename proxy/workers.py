@@ -78,7 +78,7 @@ MUTATING = ("add_run", "add_rule", "stop_run", "pause", "resume", "reset", "forg
             "set_rules", "clear")
 _HEADER = struct.Struct("!I")
 _STAT_FIELDS = tuple(n for n in Stats.__slots__ if n not in ("qtypes", "rcodes", "latency"))
-_UPSTREAM_FIELDS = ("timeouts", "tcp_requests", "errors")
+_UPSTREAM_FIELDS = ("timeouts", "tcp_requests", "errors", "loops")
 
 
 # --- framing --------------------------------------------------------------------------
@@ -248,6 +248,8 @@ class WorkerPool:
         self._last: dict[int, dict[str, Any]] = {}
         """Per worker index: its last gathered 'forwarder', 'stats', 'clients'."""
         self.retired = Retired()
+        self.loop_token = os.urandom(4).hex()
+        """Names this proxy in loop probes: every worker knows the others' probes."""
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -266,6 +268,9 @@ class WorkerPool:
             for sock in self._reserved:
                 sock.close()
             self._reserved.clear()
+        # Probe for loops again now that only workers hold the ports: the
+        # probes they sent at start may have reached a reserving socket.
+        self.request("probe_loops", wait=False)
         self._monitor = asyncio.get_running_loop().create_task(self._watch(),
                                                                name="worker monitor")
 
@@ -311,6 +316,7 @@ class WorkerPool:
         chan = Channel(parent)
         chan.send(("init", {"settings": self.worker_settings, "index": index,
                             "count": self.count, "parent": os.getpid(),
+                            "loop_token": self.loop_token,
                             "replay": self.replay()}))
         restarts = self._restarts[index]
         handle = WorkerHandle(index, proc, chan, time.monotonic(), restarts=restarts)
@@ -747,6 +753,7 @@ class AggregateUpstream:
         self.requests = 0
         self.reply_count = 0
         self.up = False
+        self.looped = False
 
     def sent(self) -> int:
         return self.requests
@@ -879,6 +886,8 @@ def sum_upstreams(settings: Settings, live: list[dict[str, Any]],
             _add_histogram(upstream.stats.latency, row["latency"])
             if counts_up and row["up"]:
                 upstream.up = True
+            if counts_up and row.get("looped"):
+                upstream.looped = True
     return list(upstreams.values())
 
 
@@ -903,6 +912,7 @@ def forwarder_snapshot(forwarder: Any) -> dict[str, Any]:
         "inflight": forwarder.inflight,
         "upstreams": [
             {"name": u.name, "sent": u.sent(), "replies": u.replies(), "up": u.up,
+             "looped": u.looped,
              "latency": (list(u.stats.latency.counts), u.stats.latency.total),
              **{name: getattr(u.stats, name) for name in _UPSTREAM_FIELDS}}
             for u in forwarder.upstreams],
@@ -979,6 +989,7 @@ class Worker:
         self.settings: Settings = init["settings"]
         self.index: int = init["index"]
         self.count: int = init["count"]
+        self.loop_token: str | None = init.get("loop_token")
         self.engine = Engine()
         for method, args, kwargs in init["replay"]:
             self._apply(method, args, kwargs)
@@ -1001,7 +1012,7 @@ class Worker:
 
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
-        self.forwarder = Forwarder(self.settings, self.engine)
+        self.forwarder = Forwarder(self.settings, self.engine, loop_token=self.loop_token)
         await self.forwarder.start()
         _, self.control = await loop.create_unix_connection(lambda: _Control(self), sock=self.sock)
         self.control.data_received(bytes(self.rest))  # sent while we were starting
@@ -1023,6 +1034,7 @@ class Worker:
             await asyncio.sleep(0.1)
             await self.forwarder.stop()
             return 1
+        self.forwarder.start_loop_probes()
         gc.freeze()  # as in Server.start: long-lived objects out of the collector's way
         self.control.send(("ready", {"pid": os.getpid(), "listen": list(self.settings.listen)}))
         await self.stop.wait()
@@ -1065,6 +1077,9 @@ class Worker:
                     return  # not acknowledged
             elif kind == "release":
                 value = self.forwarder.release_delayed(message[2])
+            elif kind == "probe_loops":
+                self.forwarder.probe_loops()
+                value = None
             elif kind == "snapshot":
                 _, _, parts, run = message
                 value = {}

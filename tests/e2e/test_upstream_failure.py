@@ -58,14 +58,17 @@ def test_dead_first_upstream_still_answered_in_time(dead_first, unbound, transpo
 
 
 def test_dead_upstream_is_marked_down_and_skipped(dead_first, unbound):
+    """A closed port answers with ICMP port unreachable: marked down at the
+    first one, counted as an error, never as a timeout."""
     proxy, dead = dead_first
-    for i in range(4):  # max_fails is 3
+    for i in range(4):
         udp(make_query(zone.host_name(i), "A"), proxy.host, proxy.port, timeout=3)
     status, health = proxy.health()
     assert status == 200 and health["status"] == "ok"
     assert health["upstreams"] == {dead: "down", unbound.hostport: "up"}
     assert proxy.metric("dnschaos_upstream_up", upstream=dead) == 0
-    assert proxy.metric("dnschaos_upstream_timeouts_total", upstream=dead) >= 3
+    assert proxy.metric("dnschaos_upstream_errors_total", upstream=dead) >= 1
+    assert proxy.metric("dnschaos_upstream_timeouts_total", upstream=dead) == 0
     # Now tried last: answers come without asking the dead one first.
     asked = proxy.metric("dnschaos_upstream_requests_total", upstream=dead)
     reply, elapsed = timed(udp, make_query(zone.WWW, "A"), proxy)
@@ -83,6 +86,64 @@ def test_dead_second_upstream_costs_nothing(start_proxy, unbound):
     assert elapsed < 0.25
     assert_same_reply(reply, udp(query, unbound.host, unbound.port))
     assert proxy.metric("dnschaos_upstream_requests_total", upstream=dead) == 0
+
+
+# --- unreachable: ICMP port unreachable ----------------------------------------------
+
+SLOW = ("--timeout", "2", "--deadline", "4")  # two attempts of 2 s
+SLOW_TIMEOUT = 2.0
+
+
+def wait_until(check, timeout: float = 3.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_unreachable_upstream_is_skipped_at_once(start_proxy, unbound):
+    """The first upstream's port is closed: its ICMP error sends the query to
+    the next upstream at once, well before the 2 s attempt timeout; counted
+    as an error, not a timeout, and logged as unreachable.  (The loop probe
+    at start already finds it unreachable; with down_time 0 it is first in
+    line again at once, so the query tries it.)"""
+    dead = dead_upstream()
+    proxy = start_proxy(*SLOW, "--policy", "sequential", upstreams=[dead, unbound],
+                        config={"down_time": 0})
+    assert wait_until(lambda: proxy.metric("dnschaos_upstream_up", upstream=dead) == 1)
+    query = make_query(zone.WWW, "A")
+    reply, elapsed = timed(udp, query, proxy, timeout=SLOW_TIMEOUT * 3)
+    assert_same_reply(reply, udp(query, unbound.host, unbound.port))
+    assert elapsed < SLOW_TIMEOUT / 2, f"answered after {elapsed:.2f} s: waited for a timeout"
+    assert proxy.metric("dnschaos_upstream_requests_total", upstream=dead) == 1
+    assert proxy.metric("dnschaos_upstream_errors_total", upstream=dead) >= 1
+    assert proxy.metric("dnschaos_upstream_timeouts_total", upstream=dead) == 0
+    # The good upstream: no error, no timeout, still up.
+    assert proxy.metric("dnschaos_upstream_errors_total", upstream=unbound.hostport) == 0
+    assert proxy.metric("dnschaos_upstream_timeouts_total", upstream=unbound.hostport) == 0
+    assert proxy.metric("dnschaos_upstream_up", upstream=unbound.hostport) == 1
+    log = proxy.stderr_text()
+    assert f"upstream {dead} unreachable" in log
+    assert "timeouts in a row" not in log
+
+
+def test_all_unreachable_servfail_after_the_attempts_without_a_storm(start_proxy):
+    """Every upstream unreachable: each attempt fails at once, the client gets
+    SERVFAIL after its attempts (two here), and the proxy sends no more."""
+    dead = [dead_upstream(), dead_upstream()]
+    proxy = start_proxy(*SLOW, "--policy", "sequential", upstreams=dead)
+    query = make_query(zone.WWW, "A")
+    reply, elapsed = timed(udp, query, proxy, timeout=SLOW_TIMEOUT * 3)
+    _assert_servfail_for(reply, query)
+    assert elapsed < SLOW_TIMEOUT / 2, f"SERVFAIL after {elapsed:.2f} s"
+    time.sleep(0.3)
+    sent = [proxy.metric("dnschaos_upstream_requests_total", upstream=u) for u in dead]
+    assert sent == [1, 1], "one attempt each, no retry storm"
+    assert proxy.metric("dnschaos_upstream_up") == 0
+    assert proxy.metric("dnschaos_upstream_timeouts_total") == 0
+    assert proxy.metric("dnschaos_servfail_sent_total", reason="deadline") == 1
 
 
 # --- all dead ------------------------------------------------------------------------

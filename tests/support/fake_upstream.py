@@ -75,6 +75,8 @@ class Delayed:
 
 Handler = Callable[[Received], Any]
 
+LOOP_PROBE_SUFFIX = ".dnschaos-loop."  # the proxy's loop probes (proxy/forwarder.py)
+
 
 # --- building replies ----------------------------------------------------------------
 
@@ -387,6 +389,11 @@ class FakeUpstream(Endpoint):
         except (dns.exception.DNSException, ValueError, struct.error):
             message = None
         got = Received(transport, data, message, peer, time.monotonic())
+        if got.qname and got.qname.lower().endswith(LOOP_PROBE_SUFFIX):
+            # The proxy's loop probes: answered like a real resolver would,
+            # kept out of what the test sees (counts, handlers).
+            self._respond(reply_to(message, rcode=dns.rcode.NXDOMAIN), send)
+            return
         with self._lock:
             self._received.append(got)
         try:
