@@ -342,7 +342,7 @@ def _wait_started(proxy, timeout: float = 60.0) -> bool:
         if state is not None:
             if state:
                 return True
-        elif "address already in use" in proxy.stderr_text().lower():
+        elif "already in use" in proxy.stderr_text().lower():
             return False  # a port taken by a sibling's upstream socket: start again
         else:
             raise AssertionError(f"proxy exited:\n{proxy.stderr_text()}")

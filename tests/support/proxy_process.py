@@ -188,7 +188,7 @@ class ProxyLauncher:
                 return proxy
             proxy.stop()
             last = proxy.stderr_text()
-            if "address already in use" not in last.lower():
+            if "already in use" not in last.lower():
                 break
         raise ProxyStartError(f"proxy did not start ({' '.join(argv)}):\n{last}")
 
