@@ -406,8 +406,8 @@ class Engine:
                 fitted = replies.fit_udp(verdict.wire, q.wire, q.qend)
                 if fitted is not verdict.wire:
                     verdict = Reply(fitted, verdict.delay)
-            if held is not None:
-                return dataclasses.replace(verdict, run=held)  # type: ignore[arg-type]
+            if held is not None and verdict is not None:  # held implies a verdict
+                return dataclasses.replace(verdict, run=held)
             return verdict
         except Exception:  # noqa: BLE001 - fail open, whatever the bug
             self._failed(None, "a query")

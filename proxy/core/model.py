@@ -14,7 +14,7 @@ strict base model...) are in spec.py.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
@@ -120,7 +120,7 @@ class Rule(Base):
     name: str | None = None
     """Shown in metrics, logs and the report; default: '<phase>/<index>'."""
     match: Annotated[Match, BeforeValidator(
-        _match_all, json_schema_input_type=Union[Literal["all"], Match])] = Field(
+        _match_all, json_schema_input_type=Literal["all"] | Match)] = Field(
         default_factory=Match)
     """Which queries; `all` (or no match) selects every query.  Ad hoc rules
     (the API, `dnschaos rule add`) must say `all` to mean that."""

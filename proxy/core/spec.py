@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
@@ -65,7 +65,7 @@ def _as_list(value: Any) -> Any:
 
 # json_schema_input_type: the JSON Schema shows what files may contain (a single
 # value or a list, numbers allowed), not the list the validator turns it into.
-OneOrMany = BeforeValidator(_as_list, json_schema_input_type=Union[str, int, list[str | int]])
+OneOrMany = BeforeValidator(_as_list, json_schema_input_type=str | int | list[str | int])
 StrList = Annotated[list[str], OneOrMany]
 
 

@@ -36,7 +36,8 @@ def test_doc_has_examples() -> None:
     assert len(YAML_BLOCKS) >= 30
 
 
-@pytest.mark.parametrize("body", [b for b, _ in YAML_BLOCKS], ids=[f"line{n}" for _, n in YAML_BLOCKS])
+@pytest.mark.parametrize("body", [b for b, _ in YAML_BLOCKS],
+                         ids=[f"line{n}" for _, n in YAML_BLOCKS])
 def test_yaml_example(body: str) -> None:
     if body.lstrip().startswith("# invalid"):
         with pytest.raises(InvalidFile):
@@ -64,7 +65,7 @@ def test_shown_validate_output_is_real() -> None:
     print exactly those lines."""
     found = blocks()
     checked = 0
-    for (lang, body, _), (next_lang, output, _) in zip(found, found[1:]):
+    for (lang, body, _), (next_lang, output, _) in zip(found, found[1:], strict=False):
         if lang != "yaml" or not body.startswith("# invalid") or next_lang != "console":
             continue
         command, *expected = output.rstrip("\n").splitlines()
@@ -91,7 +92,8 @@ def test_schema_has_header() -> None:
     assert "phases" in schema["required"]
 
 
-@pytest.mark.parametrize("body", [b for b, _ in YAML_BLOCKS if not b.lstrip().startswith("# invalid")])
+@pytest.mark.parametrize("body", [b for b, _ in YAML_BLOCKS
+                                  if not b.lstrip().startswith("# invalid")])
 def test_yaml_example_matches_the_json_schema(body: str) -> None:
     # Editors check against the schema: it must accept every documented form.
     jsonschema = pytest.importorskip("jsonschema")

@@ -285,7 +285,8 @@ def test_flap_follows_the_phase_start() -> None:
 
 def test_response_fault_goes_through_on_response() -> None:
     engine = Engine()
-    engine.set_rules(rules({"match": {"suffix": "example.com"}, "fault": {"type": "ttl", "set": 3}}),
+    engine.set_rules(rules({"match": {"suffix": "example.com"},
+                            "fault": {"type": "ttl", "set": 3}}),
                      0.0)
     q = query()
     verdict = engine.on_query(q, 1.0, random.Random(1))
@@ -373,11 +374,14 @@ def test_stats_and_describe() -> None:
     engine.on_query(query("x.example.org"), 1.0, random.Random(1))
     assert engine.stats() == [
         {"run": "test", "scenario": "test", "phase": "empty", "phase_index": 0,
-         "rule": "empty/0", "fault": "nxdomain", "dry_run": False, "matched": 1, "injected": 1, "errors": 0},
+         "rule": "empty/0", "fault": "nxdomain", "dry_run": False,
+         "matched": 1, "injected": 1, "errors": 0},
         {"run": "test", "scenario": "test", "phase": "outage", "phase_index": 1,
-         "rule": "down", "fault": "servfail", "dry_run": False, "matched": 0, "injected": 0, "errors": 0},
+         "rule": "down", "fault": "servfail", "dry_run": False,
+         "matched": 0, "injected": 0, "errors": 0},
         {"run": "test", "scenario": "test", "phase": "tail", "phase_index": 2,
-         "rule": "tail/0", "fault": "refused", "dry_run": False, "matched": 0, "injected": 0, "errors": 0},
+         "rule": "tail/0", "fault": "refused", "dry_run": False,
+         "matched": 0, "injected": 0, "errors": 0},
     ]
     assert engine.describe() == [
         "empty: empty/0: suffix example.com -> NXDOMAIN (negative TTL 60s)",

@@ -219,7 +219,8 @@ def test_negative_reply_not_applied_to_other_names() -> None:
 
 
 @pytest.mark.parametrize(("spec", "close"), [
-    ("drop", False), ({"type": "drop", "tcp": "hold"}, False), ({"type": "drop", "tcp": "close"}, True),
+    ("drop", False), ({"type": "drop", "tcp": "hold"}, False),
+    ({"type": "drop", "tcp": "close"}, True),
 ])
 def test_drop(spec: Any, close: bool) -> None:
     assert apply(spec, query()) == Drop(close_tcp=close)

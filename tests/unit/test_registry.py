@@ -121,7 +121,8 @@ def test_a_registered_fault_joins_the_union_and_the_docs_check(echo_registered: 
     assert schema["anyOf"][0]["enum"][-1] == "echo-test"
     fault = build_fault(spec, StaleStore())
     assert isinstance(fault, EchoTest) and fault.type == "echo-test"
-    assert faults.describe_type("echo-test") == "Drops the query (a throwaway for the registry test)."
+    assert faults.describe_type("echo-test") == (
+        "Drops the query (a throwaway for the registry test).")
     # Undocumented, so the docs check (test_docs) fails until it has its section.
     assert sorted(fault_sections()) != sorted(REGISTRY)
 

@@ -105,12 +105,14 @@ def spec_union() -> tuple[Any, Any]:
     registered fault's model, discriminated by `type`, short form allowed."""
     specs = tuple(entry.spec for entry in REGISTRY.values())
     names = tuple(REGISTRY)
-    any_fault = Annotated[Union[specs], Field(discriminator="type")]  # type: ignore[valid-type]
+    # Union[...] of a tuple built at run time: the `X | Y` form cannot spell it.
+    union = Union[specs]  # type: ignore[valid-type]  # noqa: UP007
+    any_fault = Annotated[union, Field(discriminator="type")]
     # The JSON Schema also accepts the short form, so editors do not flag `fault: nxdomain`.
-    short = Union[Literal[names], any_fault]  # type: ignore[valid-type]
+    short = Literal[names] | any_fault  # type: ignore[valid-type]
     required = Annotated[any_fault, BeforeValidator(_short_form, json_schema_input_type=short)]
     optional = Annotated[any_fault | None,
-                         BeforeValidator(_short_form, json_schema_input_type=Union[short, None])]
+                         BeforeValidator(_short_form, json_schema_input_type=short | None)]
     return required, optional
 
 
