@@ -78,8 +78,8 @@ from proxy.core.plan import (
     CompiledRule,
     Run,
     Screen,
+    build_run,
     build_screen,
-    compile_phase,
 )
 from proxy.core.query import QueryView
 from proxy.core.stale import StaleStore
@@ -279,24 +279,10 @@ class Engine:
         old = self._runs.get(run_id)
         if old is not None and old.ended is None:
             raise ValueError(f"a run called {run_id!r} is already running")
-        compiled = [compile_phase(scenario, index, *spec, self.store, run=run_id, dry_run=dry_run)
-                    for index, spec in enumerate(phases)]
-        rules = tuple(rule for phase in compiled for rule in phase.rules)
-        # Names that any stale rule of the run may serve are recorded in every
-        # phase, except while a `last` rule selecting them is active.
-        recorders = () if dry_run else tuple(
-            rule.recorder for rule in rules if rule.recorder is not None)
-        for phase in compiled:
-            phase.record = recorders
-            phase.unrecorded = tuple(rule.recorder for rule in phase.rules
-                                     if rule.recorder is not None and rule.serves_last
-                                     and not dry_run)
-        start = min((p.start for p in compiled), default=now)
-        end = max((p.end for p in compiled), default=now)
-        waiting = CompiledPhase(-1, "", -math.inf, start, (), PhaseState(), False, recorders)
         self._seq += 1
-        run = Run(run_id, scenario, adhoc, dry_run, self._seq, started_at, start, end, hard_end,
-                  tuple(compiled), waiting, rules)
+        run = build_run(run_id, scenario, phases, self.store, now, seq=self._seq,
+                        started_at=started_at, dry_run=dry_run, hard_end=hard_end, adhoc=adhoc)
+        rules = run.rules
         self._runs.pop(run_id, None)
         self._runs[run_id] = run
         if not rules:

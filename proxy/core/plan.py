@@ -279,3 +279,26 @@ def build_screen(runs: Iterable[Run], now: float) -> Screen:
         names |= index.wire_names
         zones |= index.wire_zones
     return Screen(usable, frozenset(names), frozenset(zones), now, until)
+
+
+def build_run(run_id: str, scenario: str, phases: list[tuple[str, float, float, list[Rule]]],
+              store: StaleStore, now: float, *, seq: int, started_at: float, dry_run: bool,
+              hard_end: float, adhoc: bool) -> Run:
+    """A run compiled from (name, start, end, rules) per phase, in run time."""
+    compiled = [compile_phase(scenario, index, *spec, store, run=run_id, dry_run=dry_run)
+                for index, spec in enumerate(phases)]
+    rules = tuple(rule for phase in compiled for rule in phase.rules)
+    # Names that any stale rule of the run may serve are recorded in every
+    # phase, except while a `last` rule selecting them is active.
+    recorders = () if dry_run else tuple(
+        rule.recorder for rule in rules if rule.recorder is not None)
+    for phase in compiled:
+        phase.record = recorders
+        phase.unrecorded = tuple(rule.recorder for rule in phase.rules
+                                 if rule.recorder is not None and rule.serves_last
+                                 and not dry_run)
+    start = min((p.start for p in compiled), default=now)
+    end = max((p.end for p in compiled), default=now)
+    waiting = CompiledPhase(-1, "", -math.inf, start, (), PhaseState(), False, recorders)
+    return Run(run_id, scenario, adhoc, dry_run, seq, started_at, start, end, hard_end,
+               tuple(compiled), waiting, rules)
