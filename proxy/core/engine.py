@@ -346,7 +346,7 @@ class Engine:
                     self._check(run, now)
                     changed = True
                     continue
-                t = now - run.shift
+                t = now - run.shift  # run time: what the run's phases and faults count in
                 phase = run.phase_at(t, self.store)
                 if phase is None:
                     self._check(run, now)
