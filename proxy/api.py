@@ -16,8 +16,9 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from proxy.core.model import Rule, parse_duration
+from proxy.core.model import Rule
 from proxy.core.schedule import format_time, next_start, parse_time
+from proxy.core.spec import parse_duration
 from proxy.errors import DnschaosError, InvalidFile
 from proxy.gameday.audit import AuditLog
 from proxy.gameday.report import to_markdown

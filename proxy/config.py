@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from proxy.core.model import Base, Cidr, Duration, parse_duration
+from proxy.core.spec import Base, Cidr, Duration, parse_duration
 from proxy.errors import ConfigError
 
 DNS_PORT = 1053

@@ -58,6 +58,7 @@ from typing import Any
 from proxy.config import Settings, split_hostport
 from proxy.core import wire
 from proxy.core.query import QueryView
+from proxy.core.replies import header_reply, rcode_reply
 from proxy.core.verdict import Drop, Forward, Reply
 from proxy.errors import DnschaosError, MalformedQuery
 from proxy.stats import Stats, UpstreamStats
@@ -268,7 +269,7 @@ class Forwarder:
         if not allowed:
             self.stats.refused += 1
             self.stats.rcodes[wire.REFUSED] += 1
-            reply_to.sendto(wire.rcode_reply(data, qend, wire.REFUSED), addr)
+            reply_to.sendto(rcode_reply(data, qend, wire.REFUSED), addr)
             return
         if self.engine.active:
             self._consult_engine(data, qend, addr, reply_to, tcp, listener)
@@ -354,7 +355,7 @@ class Forwarder:
     def _servfail_now(self, query: bytes, qend: int, addr: Any, reply_to: Any) -> None:
         self.stats.servfail_sent += 1
         self.stats.rcodes[wire.SERVFAIL] += 1
-        reply_to.sendto(wire.rcode_reply(query, qend, wire.SERVFAIL), addr)
+        reply_to.sendto(rcode_reply(query, qend, wire.SERVFAIL), addr)
 
     # --- timeouts and health ------------------------------------------------
 
@@ -637,7 +638,7 @@ class Forwarder:
             self.stats.formerr += 1
         else:
             self.stats.notimp += 1
-        reply_to.sendto(wire.header_reply(data, exc.rcode), addr)
+        reply_to.sendto(header_reply(data, exc.rcode), addr)
 
     def _acl_check(self, ip: str) -> bool:
         try:

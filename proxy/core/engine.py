@@ -22,9 +22,10 @@ changes an answer, not even by shadowing a real run's rule.
 
 Pause freezes a run's own timeline: while paused it does nothing, and on
 resume its phases continue where they were (its clock offset grows by the
-pause).  A paused *scheduled* run therefore drifts off its schedule.  The
-hard end (`hard_end`, the maximum duration) is wall time and ignores pauses:
-when it is reached the run ends, whatever else happened.
+pause; faults see this run time, see plan.py).  A paused *scheduled* run
+therefore drifts off its schedule.  The hard end (`hard_end`, the maximum
+duration) is wall time and ignores pauses: when it is reached the run ends,
+whatever else happened.
 
 A run ends when its last phase is over ("completed"), at its hard end
 ("max_duration"), or when removed.  An ended run applies nothing but keeps
@@ -41,12 +42,7 @@ active, the names it selects are not recorded, so it keeps serving the
 answer from before it became active.  A phase with a `source: snapshot` rule
 copies the store when it starts.
 
-Affected clients are counted per (run, rule, client): first and last seen
-(wall clock), faults by type, the names of the queries the rule selected
-(`names`) and of those its fault changed (`faulted`; a flap that is off
-changes nothing).  Bounded: at most `client_cap` clients per rule (the rest
-fold into the client "other") and 100 names each per client (the rest fold
-into the name "other").
+Affected clients are counted per (run, rule, client), bounded (counts.py).
 
 A verdict with a delay carries the id of the run whose rule gave it
 (`run`), so the transport can release the queries one run holds when that
@@ -57,7 +53,7 @@ and the query is forwarded unchanged (or the answer passed through).
 
 Replies built here go out in a size the client takes: every Reply for a UDP
 query, and every answer a response fault made longer, passes through
-`wire.fit_udp` (TC=1 and the question only when too big).  A query whose
+`replies.fit_udp` (TC=1 and the question only when too big).  A query whose
 EDNS version is above 0 gets BADVERS instead of its rule's fault, as from a
 real server, and counts nowhere in the rule (RFC 6891 6.1.3).
 """
@@ -67,225 +63,33 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from random import Random
 from typing import Any
 
-from proxy.core import wire
-from proxy.core.faults import Fault, PhaseState, Stale, build_fault, empty_reply
-from proxy.core.model import Limit, Rule, Scenario
+from proxy.core import replies, wire
+from proxy.core.counts import client_rows, count_client, rule_rows, run_rows
+from proxy.core.faults import Fault, PhaseState
+from proxy.core.model import Rule, Scenario
+from proxy.core.plan import (
+    ENDED,
+    CompiledPhase,
+    CompiledRule,
+    Run,
+    Screen,
+    build_run,
+    build_screen,
+)
 from proxy.core.query import QueryView
-from proxy.core.rule_index import RuleIndex
-from proxy.core.selectors import Selector
 from proxy.core.stale import StaleStore
 from proxy.core.verdict import Forward, Reply, Verdict
+
+__all__ = ["ADHOC", "ENDED", "Engine", "Screen"]
 
 ADHOC = "adhoc"
 
 log = logging.getLogger("dnschaos.engine")
-OTHER = "other"
-"""The client (or name) that counts everything beyond the caps."""
-NAMES_PER_CLIENT = 100
-
-# Run states, as runs_info() shows them.
-PENDING, RUNNING, PAUSED, ENDED = "pending", "running", "paused", "ended"
-
-
-@dataclass(slots=True)
-class Counters:
-    """Per-rule counts, plain ints: cheap to bump on every query."""
-
-    matched: int = 0
-    """Queries this rule won (selected, within its limit)."""
-    injected: int = 0
-    """Queries whose fault did something (a verdict other than 'pass untouched');
-    for dry runs: would have done something."""
-    errors: int = 0
-    """Exceptions raised by the fault; the query was forwarded unchanged."""
-
-
-@dataclass(slots=True)
-class ClientRecord:
-    """What one client did to one rule."""
-
-    first_seen: float
-    last_seen: float
-    faults: dict[str, int] = field(default_factory=dict)
-    names: dict[str, int] = field(default_factory=dict)
-    """Names of the queries the rule selected."""
-    faulted: dict[str, int] = field(default_factory=dict)
-    """Names of the queries its fault changed."""
-
-
-class Limiter:
-    """A rule's `limit`: at most `count` faults in all, at most `per_second`
-    (a token bucket holding max(1, per_second) tokens, full at the start)."""
-
-    __slots__ = ("capacity", "rate", "remaining", "stamp", "tokens")
-
-    def __init__(self, limit: Limit) -> None:
-        self.remaining = limit.count
-        self.rate = limit.per_second
-        self.capacity = max(1.0, limit.per_second or 0.0)
-        self.tokens = self.capacity
-        self.stamp: float | None = None
-
-    def allows(self, now: float) -> bool:
-        if self.remaining is not None and self.remaining <= 0:
-            return False
-        if self.rate is None:
-            return True
-        if self.stamp is None:
-            self.stamp = now
-        elif now > self.stamp:
-            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-        return self.tokens >= 1.0 - 1e-9  # float sums like 10 * 0.1 fall just short
-
-    def take(self) -> None:
-        if self.remaining is not None:
-            self.remaining -= 1
-        if self.rate is not None:
-            self.tokens -= 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledRule:
-    scenario: str
-    phase: str
-    phase_index: int
-    name: str
-    selector: Selector
-    fault: Fault
-    limiter: Limiter | None
-    counters: Counters
-    recorder: Selector | None
-    """For rules that can serve stale answers: the names whose answers to record."""
-    serves_last: bool
-    """The rule serves `source: last` answers: its names are not recorded while it is active."""
-    run: str = ""
-    dry_run: bool = False
-    clients: dict[str, ClientRecord] = field(default_factory=dict)
-    """Affected clients by address (at most the engine's client_cap, then OTHER)."""
-
-    def describe(self) -> str:
-        return f"{self.name}: {self.selector.describe()} -> {self.fault.describe()}"
-
-
-@dataclass(slots=True)
-class CompiledPhase:
-    index: int
-    name: str
-    start: float
-    end: float
-    rules: tuple[CompiledRule, ...]
-    state: PhaseState
-    takes_snapshot: bool
-    record: tuple[Selector, ...] = ()
-    """Names whose answers are recorded during this phase..."""
-    unrecorded: tuple[Selector, ...] = ()
-    """...except these (the `source: last` rules active now)."""
-    rule_index: RuleIndex = field(default_factory=lambda: RuleIndex(()))
-    """Finds the rules worth trying for a query name."""
-
-    def progress(self, now: float) -> float:
-        if math.isinf(self.end) or self.end <= self.start:
-            return 0.0
-        return min(1.0, max(0.0, (now - self.start) / (self.end - self.start)))
-
-
-@dataclass(slots=True)
-class Run:
-    """One run: a compiled plan and its own timeline.  Times in the plan are
-    run time; run time = wall time - `shift` (the seconds spent paused)."""
-
-    id: str
-    scenario: str
-    adhoc: bool
-    dry_run: bool
-    seq: int
-    started_at: float
-    """Wall time the run started (or will start); its order among runs."""
-    start: float
-    end: float
-    """First phase start and last phase end, run time."""
-    hard_end: float
-    """Wall time at which the run ends whatever else happened (math.inf: never)."""
-    phases: tuple[CompiledPhase, ...]
-    waiting: CompiledPhase
-    """A rule-less pseudo-phase before the first phase starts (it still records)."""
-    rules: tuple[CompiledRule, ...]
-    shift: float = 0.0
-    paused_at: float | None = None
-    ended: str | None = None
-    """None while live; else why it ended: completed, max_duration, stopped..."""
-    ended_at: float | None = None
-    current: CompiledPhase | None = None
-    reported: bool = False
-    """Whether tick() has returned it as ended."""
-    rng: Random | None = None
-    """The run's own generator, seeded from the scenario's `seed`, so the
-    same scenario and queries give the same choices; None: the caller's."""
-
-    @property
-    def live(self) -> bool:
-        return self.ended is None and self.paused_at is None
-
-    def run_time(self, now: float) -> float:
-        return (self.paused_at if self.paused_at is not None else now) - self.shift
-
-    def phase_at(self, t: float, store: StaleStore) -> CompiledPhase | None:
-        """The phase for run time `t` (cached); None once past the end."""
-        current = self.current
-        if current is not None and current.start <= t < current.end:
-            return current
-        if t >= self.end:
-            self.current = None
-            return None
-        found = self.waiting
-        for phase in self.phases:
-            if phase.start <= t < phase.end:
-                found = phase
-                break
-        if found.takes_snapshot:
-            found.state.snapshot = store.snapshot()
-        self.current = found
-        return found
-
-    def phase_info(self, now: float) -> tuple[int, str, float] | None:
-        t = self.run_time(now)
-        for phase in self.phases:
-            if phase.start <= t < phase.end:
-                return phase.index, phase.name, phase.end - t
-        return None
-
-    def state(self, now: float) -> str:
-        if self.ended is not None:
-            return ENDED
-        if self.paused_at is not None:
-            return PAUSED
-        return PENDING if self.run_time(now) < self.start else RUNNING
-
-
-@dataclass(frozen=True, slots=True)
-class Screen:
-    """What the transport may skip between `since` and `until` (wall clock):
-    when `usable`, a query whose lower-cased wire-form name is neither in
-    `names` nor under one of `zones` would pass the engine untouched, so it
-    need not be decoded or shown to it.  Not usable while a dry run, a
-    recording phase or a rule that is not filed under names is live."""
-
-    usable: bool
-    names: frozenset[bytes]
-    zones: frozenset[bytes]
-    since: float
-    until: float
-
-    def may_select(self, wire_name: bytes) -> bool:
-        """Whether a live rule may select a query for this name (lower-cased
-        wire form); False: the query can go upstream unseen."""
-        return (not self.usable or wire_name in self.names
-                or (bool(self.zones) and wire.under_zones(wire_name, self.zones)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,24 +279,10 @@ class Engine:
         old = self._runs.get(run_id)
         if old is not None and old.ended is None:
             raise ValueError(f"a run called {run_id!r} is already running")
-        compiled = [self._compile_phase(scenario, index, *spec, run=run_id, dry_run=dry_run)
-                    for index, spec in enumerate(phases)]
-        rules = tuple(rule for phase in compiled for rule in phase.rules)
-        # Names that any stale rule of the run may serve are recorded in every
-        # phase, except while a `last` rule selecting them is active.
-        recorders = () if dry_run else tuple(
-            rule.recorder for rule in rules if rule.recorder is not None)
-        for phase in compiled:
-            phase.record = recorders
-            phase.unrecorded = tuple(rule.recorder for rule in phase.rules
-                                     if rule.recorder is not None and rule.serves_last
-                                     and not dry_run)
-        start = min((p.start for p in compiled), default=now)
-        end = max((p.end for p in compiled), default=now)
-        waiting = CompiledPhase(-1, "", -math.inf, start, (), PhaseState(), False, recorders)
         self._seq += 1
-        run = Run(run_id, scenario, adhoc, dry_run, self._seq, started_at, start, end, hard_end,
-                  tuple(compiled), waiting, rules)
+        run = build_run(run_id, scenario, phases, self.store, now, seq=self._seq,
+                        started_at=started_at, dry_run=dry_run, hard_end=hard_end, adhoc=adhoc)
+        rules = run.rules
         self._runs.pop(run_id, None)
         self._runs[run_id] = run
         if not rules:
@@ -503,35 +293,10 @@ class Engine:
         self._refresh()
         return run
 
-    def _compile_phase(self, scenario: str, index: int, name: str, start: float, end: float,
-                       rules: list[Rule], *, run: str = "", dry_run: bool = False) -> CompiledPhase:
-        compiled = []
-        for number, rule in enumerate(rules):
-            fault = build_fault(rule.fault, self.store)
-            stale = [f for f in fault.walk() if isinstance(f, Stale)]
-            compiled.append(CompiledRule(
-                scenario=scenario,
-                phase=name,
-                phase_index=index,
-                name=rule.name or f"{name}/{number}",
-                selector=Selector(rule.match),
-                fault=fault,
-                limiter=Limiter(rule.limit) if rule.limit is not None else None,
-                counters=Counters(),
-                recorder=Selector(rule.match, sampling=False) if stale else None,
-                serves_last=any(not f.snapshot for f in stale),
-                run=run,
-                dry_run=dry_run,
-            ))
-        takes_snapshot = any(isinstance(f, Stale) and f.snapshot
-                             for rule in compiled for f in rule.fault.walk())
-        return CompiledPhase(index, name, start, end, tuple(compiled), PhaseState(start),
-                             takes_snapshot, rule_index=RuleIndex(compiled))
-
     # --- run state ----------------------------------------------------------------------
 
     @staticmethod
-    def _sorted(runs: Any) -> list[Run]:
+    def _sorted(runs: Iterable[Run]) -> list[Run]:
         """Rule order: ad hoc rules first (oldest first), then runs by start time."""
         return sorted(runs, key=lambda r: (not r.adhoc, 0.0 if r.adhoc else r.started_at, r.seq))
 
@@ -563,30 +328,8 @@ class Engine:
         and `on_query` for most queries."""
         screen = self._screen
         if screen is None or not screen.since <= now < screen.until:
-            screen = self._screen = self._build_screen(now)
+            screen = self._screen = build_screen(self._order, now)
         return screen
-
-    def _build_screen(self, now: float) -> Screen:
-        usable = True
-        names: set[bytes] = set()
-        zones: set[bytes] = set()
-        until = math.inf
-        for run in self._order:
-            t = now - run.shift
-            if t < run.start:  # not started: its waiting pseudo-phase
-                phase: CompiledPhase | None = run.waiting
-            else:
-                phase = next((p for p in run.phases if p.start <= t < p.end), None)
-            if phase is None or now >= run.hard_end:
-                usable, until = False, now  # over: on_query ends it, then the runs change
-                break
-            until = min(until, run.hard_end, phase.end + run.shift)
-            index = phase.rule_index
-            if run.dry_run or phase.record or not index.screens:
-                usable = False
-            names |= index.wire_names
-            zones |= index.wire_zones
-        return Screen(usable, frozenset(names), frozenset(zones), now, until)
 
     def on_query(self, q: QueryView, now: float, rng: Random) -> Verdict | None:
         """The verdict for a query; None: forward it unchanged."""
@@ -603,7 +346,7 @@ class Engine:
                     self._check(run, now)
                     changed = True
                     continue
-                t = now - run.shift
+                t = now - run.shift  # run time: what the run's phases and faults count in
                 phase = run.phase_at(t, self.store)
                 if phase is None:
                     self._check(run, now)
@@ -646,11 +389,11 @@ class Engine:
             if record and isinstance(verdict, Forward):
                 return Forward(verdict.delay, _RECORD_ONLY.respond, held)
             if type(verdict) is Reply and q.transport == "udp":
-                fitted = wire.fit_udp(verdict.wire, q.wire, q.qend)
+                fitted = replies.fit_udp(verdict.wire, q.wire, q.qend)
                 if fitted is not verdict.wire:
                     verdict = Reply(fitted, verdict.delay)
-            if held is not None:
-                return dataclasses.replace(verdict, run=held)  # type: ignore[arg-type]
+            if held is not None and verdict is not None:  # held implies a verdict
+                return dataclasses.replace(verdict, run=held)
             return verdict
         except Exception:  # noqa: BLE001 - fail open, whatever the bug
             self._failed(None, "a query")
@@ -675,7 +418,7 @@ class Engine:
             # An EDNS version we do not speak: a real server answers BADVERS
             # before looking at the question (RFC 6891 6.1.3), so the fault
             # is not applied and nothing is counted.
-            return Reply(empty_reply(q, wire.BADVERS))
+            return Reply(replies.empty_reply(q, wire.BADVERS))
         rule.counters.matched += 1
         try:
             verdict = rule.fault.apply(q, t, rng, state)
@@ -703,18 +446,7 @@ class Engine:
 
     def _count_client(self, rule: CompiledRule, q: QueryView, now: float,
                       fault: str | None) -> None:
-        clients = rule.clients
-        record = clients.get(q.client)
-        if record is None:
-            key = q.client if len(clients) < self.client_cap else OTHER
-            record = clients.get(key)
-            if record is None:
-                record = clients[key] = ClientRecord(now, now)
-        record.last_seen = now
-        _count_name(record.names, q.qname)
-        if fault is not None:
-            record.faults[fault] = record.faults.get(fault, 0) + 1
-            _count_name(record.faulted, q.qname)
+        count_client(rule.clients, q, now, fault, self.client_cap)
 
     def on_response(self, q: QueryView, verdict: Forward, answer: bytes, now: float,
                     rng: Random) -> bytes | None:
@@ -738,7 +470,7 @@ class Engine:
             out = job.fault.respond(q, answer, t, draw, job.phase or PhaseState())
             if out is not None and len(out) > len(answer) and q.transport == "udp":
                 # Rewritten longer than the upstream sized it for this client.
-                out = wire.fit_udp(out, q.wire, q.qend)
+                out = replies.fit_udp(out, q.wire, q.qend)
             return out
         except Exception:  # noqa: BLE001 - fail open, whatever the bug
             self._failed(job.rule, "an answer")
@@ -758,69 +490,15 @@ class Engine:
     def stats(self, run: str | None = None) -> list[dict[str, Any]]:
         """Per rule: run, scenario, phase, phase_index, rule, fault, dry_run,
         matched, injected, errors."""
-        return [
-            {
-                "run": rule.run,
-                "scenario": rule.scenario,
-                "phase": rule.phase,
-                "phase_index": rule.phase_index,
-                "rule": rule.name,
-                "fault": rule.fault.type,
-                "dry_run": rule.dry_run,
-                "matched": rule.counters.matched,
-                "injected": rule.counters.injected,
-                "errors": rule.counters.errors,
-            }
-            for rule in self.rules(run)
-        ]
+        return rule_rows(self.rules(run))
 
     def client_stats(self, run: str | None = None) -> list[dict[str, Any]]:
         """Per (run, rule, client): run, scenario, phase, rule, client, dry_run,
         first_seen, last_seen, faults {type: count}, names {name: count} (queries
         selected), faulted {name: count} (queries the fault changed)."""
-        return [
-            {
-                "run": rule.run,
-                "scenario": rule.scenario,
-                "phase": rule.phase,
-                "rule": rule.name,
-                "client": client,
-                "dry_run": rule.dry_run,
-                "first_seen": record.first_seen,
-                "last_seen": record.last_seen,
-                "faults": dict(record.faults),
-                "names": dict(record.names),
-                "faulted": dict(record.faulted),
-            }
-            for rule in self.rules(run)
-            for client, record in list(rule.clients.items())
-        ]
+        return client_rows(self.rules(run))
 
     def runs_info(self, now: float) -> list[dict[str, Any]]:
         """Per run: run, scenario, state, dry_run, phase, phase_index, remaining
         (seconds left in the phase; None outside a phase)."""
-        out = []
-        for run in self._sorted(self._runs.values()):
-            state = run.state(now)
-            info = run.phase_info(now) if state in (RUNNING, PAUSED) else None
-            out.append({
-                "run": run.id,
-                "scenario": run.scenario,
-                "state": state,
-                "dry_run": run.dry_run,
-                "phase": info[1] if info else None,
-                "phase_index": info[0] if info else None,
-                "remaining": (min(info[2], run.hard_end - now) if state == RUNNING
-                              else info[2]) if info else None,
-            })
-        return out
-
-
-def _count_name(names: dict[str, int], name: str) -> None:
-    """One more query for `name`; past NAMES_PER_CLIENT names, under OTHER."""
-    if name in names:
-        names[name] += 1
-    elif len(names) < NAMES_PER_CLIENT:
-        names[name] = 1
-    else:
-        names[OTHER] = names.get(OTHER, 0) + 1
+        return run_rows(self._sorted(self._runs.values()), now)

@@ -5,95 +5,24 @@ One definition serves three purposes: the loader validates YAML against it
 and `dnschaos schema` prints its JSON Schema for editors.
 
 A scenario is a list of phases; a phase is a list of rules; a rule is a
-selector (`match`) plus a `fault`.  Durations are written "150ms", "5m",
-"2h" (or a number of seconds) and are float seconds in code.
+selector (`match`) plus a `fault`.  The fault models live with their
+behaviour in proxy/core/faults/ (one module each); `FaultSpec` is their
+union, built by the fault registry.  The shared pieces (durations, the
+strict base model...) are in spec.py.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-        WithJsonSchema,
-    field_validator,
-    model_validator,
-)
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(value: Any) -> float:
-    """'150ms' -> 0.15, '5m' -> 300.0, 2 -> 2.0.  Negative values are refused."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like '150ms', '5m'")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"duration must not be negative, got {value}")
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return float(match.group(1)) * _UNIT[match.group(2)]
-        if value.strip().startswith("-"):
-            raise ValueError(f"duration must not be negative, got {value!r}")
-    raise ValueError(f"invalid duration {value!r}: write e.g. '150ms', '30s', '5m', '2h'")
-
-
-Duration = Annotated[
-    float,
-    BeforeValidator(parse_duration),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", "minimum": 0},
-                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"},
-            ],
-            "description": "seconds, or a string such as '150ms', '30s', '5m', '2h'",
-        }
-    ),
-]
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-Ttl = Annotated[int, Field(ge=0, le=2**31 - 1)]
-
-
-def _as_list(value: Any) -> Any:
-    """`qtype: A` is short for `qtype: [A]`; YAML numbers (`qtype: 65`) become strings."""
-    if isinstance(value, (str, int)):
-        value = [value]
-    if isinstance(value, list):
-        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
-    return value
-
-
-# json_schema_input_type: the JSON Schema shows what files may contain (a single
-# value or a list, numbers allowed), not the list the validator turns it into.
-_OneOrMany = BeforeValidator(_as_list, json_schema_input_type=Union[str, int, list[str | int]])
-StrList = Annotated[list[str], _OneOrMany]
-
-
-def _network(value: Any) -> str:
-    try:
-        return str(ipaddress.ip_network(str(value), strict=False))
-    except ValueError:
-        raise ValueError(f"invalid CIDR {value!r}") from None
-
-
-Cidr = Annotated[str, BeforeValidator(_network)]
-
-
-class Base(BaseModel):
-    # use_attribute_docstrings: the docstring under a field becomes its JSON Schema
-    # description, shown by editors.
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
-                              use_attribute_docstrings=True)
-
+from proxy.core.codes import qtype_number
+from proxy.core.faults import FaultSpec
+from proxy.core.schedule import check_cron, check_timezone
+from proxy.core.spec import Base, Cidr, Duration, OneOrMany, Probability, StrList
+from proxy.core.spec import parse_duration as parse_duration  # re-exported for the CLI
 
 # --- selectors -------------------------------------------------------------
 
@@ -130,9 +59,9 @@ class Match(Base):
     qtype: StrList | None = None
     """Query types by name ('A', 'AAAA', 'ANY') or number ('65')."""
     transport: Literal["udp", "tcp"] | None = None
-    clients: Annotated[list[Cidr], _OneOrMany] | None = None
+    clients: Annotated[list[Cidr], OneOrMany] | None = None
     """Client networks to include (IPv4 and IPv6 CIDRs; a bare address is a /32 or /128)."""
-    exclude_clients: Annotated[list[Cidr], _OneOrMany] | None = None
+    exclude_clients: Annotated[list[Cidr], OneOrMany] | None = None
     """Client networks never selected, even when `clients` includes them."""
     listener: StrList | None = None
     """Local listen addresses ('127.0.0.2:53'): fail one of a client's nameservers."""
@@ -160,8 +89,6 @@ class Match(Base):
     @field_validator("qtype")
     @classmethod
     def _known_qtypes(cls, qtypes: list[str] | None) -> list[str] | None:
-        from proxy.core.rr import qtype_number
-
         for qtype in qtypes or []:
             try:
                 qtype_number(qtype)
@@ -170,241 +97,6 @@ class Match(Base):
             except Exception:  # dnslib raises its own DNSError for unknown names
                 raise ValueError(f"unknown query type {qtype!r}") from None
         return qtypes
-
-
-# --- faults ----------------------------------------------------------------
-
-
-class Soa(Base):
-    """The SOA put in the authority section of negative answers, so that
-    resolvers cache them as they cache real ones (RFC 2308)."""
-
-    zone: str | None = None
-    """Owner of the SOA; default: the query name's parent zone."""
-    negative_ttl: Ttl = 60
-    """The SOA's TTL and MINIMUM field: how long resolvers cache the negative answer."""
-    mname: str = "ns.invalid."
-    rname: str = "hostmaster.invalid."
-    serial: int = 1
-
-
-class Ede(Base):
-    """An Extended DNS Error (RFC 8914) added to the reply's EDNS."""
-
-    code: Annotated[int, Field(ge=0, le=65535)]
-    text: str = ""
-
-
-class _Negative(Base):
-    soa: Soa | None = Field(default_factory=Soa)
-    """Set to null for a reply without SOA."""
-    ede: Ede | None = None
-
-
-class NxdomainFault(_Negative):
-    """The name does not exist."""
-
-    type: Literal["nxdomain"]
-
-
-class ServfailFault(_Negative):
-    """The server failed (what resolvers answer when authoritative servers are unreachable)."""
-
-    type: Literal["servfail"]
-    soa: Soa | None = None
-    """Real SERVFAILs carry no SOA; give one (`soa: {}`) to add it anyway."""
-
-
-class RefusedFault(_Negative):
-    """The server refuses to answer."""
-
-    type: Literal["refused"]
-    soa: Soa | None = None
-    """Real REFUSED replies carry no SOA; give one (`soa: {}`) to add it anyway."""
-
-
-class RcodeFault(_Negative):
-    """Any response code, by name (FORMERR, NOTIMP, YXDOMAIN...) or number."""
-
-    type: Literal["rcode"]
-    rcode: str | int
-    """Above 15 (BADVERS...) the upper bits travel in an OPT record, added even
-    when the query had no EDNS."""
-    soa: Soa | None = None
-    """No SOA unless given (`soa: {}` for the defaults)."""
-
-    @field_validator("rcode")
-    @classmethod
-    def _known_rcode(cls, value: str | int) -> str | int:
-        from proxy.core.rr import rcode_number
-
-        try:
-            rcode_number(value)
-        except ValueError:
-            raise
-        except Exception:  # dnslib raises its own DNSError for unknown names
-            raise ValueError(f"unknown rcode {value!r}") from None
-        return value
-
-
-class NodataFault(_Negative):
-    """NOERROR with an empty answer: the name exists but has no such record."""
-
-    type: Literal["nodata"]
-
-
-class DropFault(Base):
-    """No reply at all: the client times out."""
-
-    type: Literal["drop"]
-    tcp: Literal["hold", "close"] = "hold"
-    """For TCP clients: keep the connection open and silent, or close it."""
-
-
-class DelayFault(Base):
-    """Wait, then forward (or apply `then`).  Other queries are not held up."""
-
-    type: Literal["delay"]
-    delay: Duration
-    jitter: Duration = 0.0
-    """Uniform: +/- jitter around delay.  Normal: standard deviation."""
-    distribution: Literal["uniform", "normal"] = "uniform"
-    then: OptionalFault = None
-    """A fault applied after the delay (a slow SERVFAIL); default: forward."""
-
-
-class StaleFault(Base):
-    """Answer with what the name resolved to before."""
-
-    type: Literal["stale"]
-    source: Literal["last", "snapshot"] = "last"
-    """'last': the last answer seen before the rule became active.
-    'snapshot': the answers held when the phase started (a frozen old plan)."""
-    ttl: Ttl = 30
-    fallback: Fault = Field(default_factory=lambda: ServfailFault(type="servfail"))
-    """Applied when no earlier answer was ever seen for the name."""
-
-
-class SpoofFault(Base):
-    """Answer with made-up records.  Without any record given, A queries get
-    192.0.2.1 and AAAA queries 2001:db8::1 (documentation ranges)."""
-
-    type: Literal["spoof"]
-    a: Annotated[list[str], _OneOrMany] = Field(default_factory=list)
-    aaaa: Annotated[list[str], _OneOrMany] = Field(default_factory=list)
-    cname: str | None = None
-    records: Annotated[list[str], _OneOrMany] = Field(default_factory=list)
-    """Zone-file lines; '@' or an empty owner stands for the query name, and
-    relative owner names are relative to it.  Names inside record data should
-    be absolute (end with a dot).  A TTL written in a line is kept."""
-    ttl: Ttl = 60
-
-    @field_validator("records")
-    @classmethod
-    def _zone_lines(cls, values: list[str]) -> list[str]:
-        from proxy.core.faults import parse_records
-
-        parse_records(values, 60)  # raises ValueError naming the bad line
-        return values
-
-    @field_validator("a")
-    @classmethod
-    def _ipv4(cls, values: list[str]) -> list[str]:
-        for value in values:
-            ipaddress.IPv4Address(value)
-        return values
-
-    @field_validator("aaaa")
-    @classmethod
-    def _ipv6(cls, values: list[str]) -> list[str]:
-        for value in values:
-            ipaddress.IPv6Address(value)
-        return values
-
-
-class TruncateFault(Base):
-    """TC=1 over UDP with no records, so the client retries over TCP.  TCP
-    queries are forwarded normally."""
-
-    type: Literal["truncate"]
-
-
-class TtlFault(Base):
-    """Rewrite the TTLs in the upstream's answer: `set`, or clamp to
-    `min`/`max`, or `scale` by a factor."""
-
-    type: Literal["ttl"]
-    set: Ttl | None = None
-    min: Ttl | None = None
-    max: Ttl | None = None
-    scale: Annotated[float, Field(ge=0)] | None = None
-
-    @model_validator(mode="after")
-    def _one_mode(self) -> TtlFault:
-        modes = [self.set is not None, self.min is not None or self.max is not None,
-                 self.scale is not None]
-        if sum(modes) != 1:
-            raise ValueError("give exactly one of: set, min/max, scale")
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
-        return self
-
-
-class PartialFault(Base):
-    """Remove a share of the address records from the real answer (load
-    balancer nodes vanishing), re-rolled every `period`."""
-
-    type: Literal["partial"]
-    share: Probability = 0.3
-    """Share of A/AAAA records removed (at least one is kept unless `empty` fires)."""
-    empty: Probability = 0.0
-    """Chance, per period, that the answer is empty altogether."""
-    period: Annotated[Duration, Field(gt=0)] = 30.0
-    ttl: Ttl | None = None
-    """When set, the TTL of the records kept."""
-
-
-class CorruptFault(Base):
-    """A malformed reply, for testing clients' parsers."""
-
-    type: Literal["corrupt"]
-    mode: Literal["wrong_id", "wrong_question", "short", "random"] = "random"
-
-
-class FlapFault(Base):
-    """`fault` switched on and off: on for `duty` of each `period`."""
-
-    type: Literal["flap"]
-    period: Annotated[Duration, Field(gt=0)]
-    duty: Probability = 0.5
-    fault: Fault
-
-
-_AnyFault = Annotated[
-    Union[
-        NxdomainFault, ServfailFault, RefusedFault, RcodeFault, NodataFault, DropFault,
-        DelayFault, StaleFault, SpoofFault, TruncateFault, TtlFault, PartialFault,
-        CorruptFault, FlapFault,
-    ],
-    Field(discriminator="type"),
-]
-
-
-def _short_form(value: Any) -> Any:
-    """`fault: nxdomain` is short for `fault: {type: nxdomain}`."""
-    return {"type": value} if isinstance(value, str) else value
-
-
-FAULT_TYPES = ("nxdomain", "servfail", "refused", "rcode", "nodata", "drop", "delay", "stale",
-               "spoof", "truncate", "ttl", "partial", "corrupt", "flap")
-
-# The JSON Schema also accepts the short form, so editors do not flag `fault: nxdomain`.
-_FaultInput = Union[Literal[FAULT_TYPES], _AnyFault]  # type: ignore[valid-type]
-Fault = Annotated[_AnyFault, BeforeValidator(_short_form, json_schema_input_type=_FaultInput)]
-OptionalFault = Annotated[
-    _AnyFault | None,
-    BeforeValidator(_short_form, json_schema_input_type=Union[_FaultInput, None]),
-]
 
 
 # --- rules, phases, scenarios ----------------------------------------------
@@ -428,11 +120,11 @@ class Rule(Base):
     name: str | None = None
     """Shown in metrics, logs and the report; default: '<phase>/<index>'."""
     match: Annotated[Match, BeforeValidator(
-        _match_all, json_schema_input_type=Union[Literal["all"], Match])] = Field(
+        _match_all, json_schema_input_type=Literal["all"] | Match)] = Field(
         default_factory=Match)
     """Which queries; `all` (or no match) selects every query.  Ad hoc rules
     (the API, `dnschaos rule add`) must say `all` to mean that."""
-    fault: Fault
+    fault: FaultSpec
     limit: Limit | None = None
 
 
@@ -513,8 +205,6 @@ class Scenario(Base):
     @classmethod
     def _cron(cls, value: str | None) -> str | None:
         if value is not None:
-            from proxy.core.schedule import check_cron
-
             check_cron(value)
         return value
 
@@ -522,8 +212,6 @@ class Scenario(Base):
     @classmethod
     def _zone(cls, value: str | None) -> str | None:
         if value is not None:
-            from proxy.core.schedule import check_timezone
-
             check_timezone(value)
         return value
 
@@ -556,5 +244,4 @@ class Scenario(Base):
         return sum(phase.duration for phase in self.phases) * self.time_scale
 
 
-for _model in (Match, DelayFault, StaleFault, FlapFault):
-    _model.model_rebuild()
+Match.model_rebuild()  # `all`, `any`, `not` nest matches

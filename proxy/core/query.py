@@ -27,7 +27,7 @@ class QueryView(NamedTuple):
     """The local address the query arrived on, "host:port" ("[::1]:1053" for IPv6)."""
 
     @classmethod
-    def parse(cls, data: bytes, client: str, transport: str, listener: str = "") -> "QueryView":
+    def parse(cls, data: bytes, client: str, transport: str, listener: str = "") -> QueryView:
         """Parse a query; raises proxy.errors.MalformedQuery."""
         qend = wire.question_end(data)
         return cls(data, qend, wire.qname_text(data, qend), wire.qtype_of(data, qend),

@@ -21,15 +21,15 @@ it to decide, without side effects, which names a stale rule may serve.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterator
 from random import Random
 
+from proxy.core.codes import qtype_name, qtype_number
 from proxy.core.model import HashSample, Match, Ramp
 from proxy.core.query import QueryView
-from proxy.core.rr import qtype_name, qtype_number
+from proxy.core.sampling import hash_share
 
 Check = Callable[[QueryView], bool]
 
@@ -62,12 +62,6 @@ def label_suffixes(name: str) -> Iterator[str]:
             pos += 1
     if name:
         yield ""
-
-
-def hash_share(seed: int, key: str) -> float:
-    """A stable number in [0, 1) for (seed, key), independent of any rng."""
-    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64
 
 
 class Selector:

@@ -1,16 +1,17 @@
-"""DNS wire format on raw bytes: just enough for the hot path.
+"""DNS wire format on raw bytes: reading, just enough for the hot path.
 
 The forwarder never decodes a whole message on the hot path.  It reads the
 12-byte header, walks the single question's labels to find where the
-question ends, and copies bytes.  Replies that the proxy makes itself
-(REFUSED, SERVFAIL, FORMERR, NOTIMP) are also built from the query's bytes,
-and replies a fault builds are cut to the client's UDP size (`fit_udp`).
-A full dnslib decode happens only where a fault needs one.
+question ends, and copies bytes.  This module only reads messages (header,
+question, EDNS, where each record sits); the replies the proxy builds
+itself are in replies.py.  A full dnslib decode happens only where a fault
+needs one.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from proxy.errors import MalformedQuery
 
@@ -23,6 +24,7 @@ AA = 0x04  # byte 2
 TC = 0x02  # byte 2
 RD = 0x01  # byte 2
 RA = 0x80  # byte 3
+CD = 0x10  # byte 3: checking disabled
 RCODE_MASK = 0x0F  # byte 3
 
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
@@ -222,31 +224,6 @@ def udp_limit(data: bytes, qend: int) -> int:
     return UDP_MIN if opt is None else max(UDP_MIN, opt_fields(opt)[0])
 
 
-def fit_udp(reply: bytes, query: bytes, qend: int) -> bytes:
-    """A reply the proxy built, as it may go to the query's UDP sender:
-    unchanged when it fits `udp_limit`, else truncated (RFC 1035 4.2.1):
-    TC=1, the header and the query's question, the reply's OPT record if it
-    has one (without its options if they do not fit), and no other records
-    (RFC 2181 9: a truncated reply should not carry part of an RRset, so it
-    carries none).  The client retries over TCP and gets the whole reply."""
-    if len(reply) <= UDP_MIN:
-        return reply
-    limit = udp_limit(query, qend)
-    if len(reply) <= limit:
-        return reply
-    opt = b""
-    try:
-        opt = find_opt(reply, skip_name(reply, HEADER_LEN) + 4) or b""
-    except (IndexError, ValueError):
-        pass  # not ours to mend: it goes out without the OPT
-    header = reply[:2] + bytes((reply[2] | TC, reply[3])) + struct.pack(
-        "!HHHH", 1, 0, 0, 1 if opt else 0)
-    out = header + query[HEADER_LEN:qend] + opt
-    if opt and len(out) > limit:  # options too long (a long EDE): only the OPT's fixed fields
-        out = out[: len(out) - len(opt)] + opt[: skip_name(opt, 0) + 8] + b"\x00\x00"
-    return out
-
-
 def skip_name(data: bytes, pos: int) -> int:
     """The offset just past the (possibly compressed) name at `pos`.
     IndexError when it runs past the end, ValueError on reserved label types."""
@@ -261,31 +238,33 @@ def skip_name(data: bytes, pos: int) -> int:
         pos += length + 1
 
 
-def reply_opt(query_opt: bytes | None) -> bytes:
-    """The OPT record for a reply the proxy builds itself: empty when the
-    query had no EDNS, else a plain OPT with our buffer size and the DO bit
-    copied from the query."""
-    if query_opt is None:
-        return b""
-    do_bit = query_opt[7] & 0x80 if len(query_opt) >= 11 else 0
-    return b"\x00" + struct.pack("!HHBBBBH", OPT, EDNS_UDP_SIZE, 0, 0, do_bit, 0, 0)
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Where one resource record sits in a message."""
+
+    section: int  # 0 answer, 1 authority, 2 additional
+    start: int
+    fixed: int  # offset of TYPE; TTL is at fixed + 4
+    rtype: int
+    end: int
 
 
-def rcode_reply(query: bytes, qend: int, rcode: int, *, with_question: bool = True) -> bytes:
-    """A reply with no records, built from the query: same ID, question, RD
-    and CD bits, RA set, AA not set, the query's EDNS echoed."""
-    opt = reply_opt(find_opt(query, qend)) if qend else b""
-    flags2 = QR | (query[2] & RD)
-    flags3 = RA | (query[3] & 0x10) | (rcode & RCODE_MASK)  # 0x10 = CD
-    qd = 1 if with_question else 0
-    header = query[:2] + bytes((flags2, flags3)) + struct.pack("!HHHH", qd, 0, 0, 1 if opt else 0)
-    question = query[HEADER_LEN:qend] if with_question else b""
-    return header + question + opt
-
-
-def header_reply(query: bytes, rcode: int) -> bytes:
-    """A bare header reply for a query whose question cannot be trusted
-    (FORMERR, NOTIMP): the ID and opcode echoed, no sections."""
-    flags2 = QR | (query[2] & (OPCODE_MASK | RD))
-    return query[:2] + bytes((flags2, RA | (rcode & RCODE_MASK))) + b"\x00" * 8
-
+def layout(data: bytes) -> tuple[int, list[Span]]:
+    """The end of the question section and the span of every record.
+    Raises ValueError (or IndexError / struct.error) on a malformed message."""
+    qdcount, *counts = struct.unpack_from("!HHHH", data, 4)
+    pos = HEADER_LEN
+    for _ in range(qdcount):
+        pos = skip_name(data, pos) + 4
+    qend = pos
+    spans = []
+    for section, count in enumerate(counts):
+        for _ in range(count):
+            start = pos
+            pos = skip_name(data, pos)
+            rtype, _rclass, _ttl, rdlen = struct.unpack_from("!HHIH", data, pos)
+            spans.append(Span(section, start, pos, rtype, pos + 10 + rdlen))
+            pos += 10 + rdlen
+    if pos > len(data):
+        raise ValueError("message cut short")
+    return qend, spans

@@ -572,7 +572,7 @@ def test_ttl(proxy, unbound):
 
 
 def test_partial(proxy, unbound):
-    from proxy.core.selectors import hash_share
+    from proxy.core.sampling import hash_share
 
     # share 0.5 of two addresses: one removed, the one ranked first by the
     # (period, name, address) hash; the same for every query of the period.

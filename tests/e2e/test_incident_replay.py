@@ -255,7 +255,7 @@ def test_aws_dynamodb_2025_replay(start_proxy, fake_upstream):
     """NOERROR variant, six phases in 21 s: warm-up (48 ms), stale-plan
     (0.24 s), empty-record (3.8 s), recovery-tail (0.36 s), ec2 (4.1 s),
     nlb-flap (12.5 s)."""
-    from proxy.core.selectors import hash_share
+    from proxy.core.sampling import hash_share
 
     path = SCENARIOS / "aws-dynamodb-2025.yaml"
     nlbs = nlb_names(path)

@@ -101,7 +101,7 @@ STATEFUL = {12, 13, 30, 31, 34}  # every/first/limit/probability: their own test
 
 def expected_for_host(i: int) -> int | None:
     """The rule selecting `host<i> A` over UDP from 127.0.0.1 on the main listener."""
-    from proxy.core.selectors import hash_share
+    from proxy.core.sampling import hash_share
 
     if i in (1, 2):
         return 1
@@ -253,7 +253,7 @@ def test_first(proxy, unbound):
 
 
 def test_hash_by_client(proxy, unbound):
-    from proxy.core.selectors import hash_share
+    from proxy.core.sampling import hash_share
 
     expected = {f"127.0.0.{i}": hash_share(HASH_CLIENT_SEED, f"127.0.0.{i}") < 0.5
                 for i in range(1, 21)}
@@ -267,7 +267,7 @@ def test_hash_by_client(proxy, unbound):
 
 
 def test_hash_by_name(proxy, unbound):
-    from proxy.core.selectors import hash_share
+    from proxy.core.sampling import hash_share
 
     names = [h(i) for i in range(20, 30)]
     expected = {n: hash_share(HASH_NAME_SEED, n.rstrip(".")) < 0.5 for n in names}

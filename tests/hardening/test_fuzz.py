@@ -158,7 +158,7 @@ def test_bounded_mutation_run_no_crash_no_leak(checker: Checker):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "proxy/core/faults.py Partial.respond (line ~646) parses the answer with "
+    "proxy/core/faults/partial.py Partial.respond parses the answer with "
     "dnslib DNSRecord.parse, which rejects labels that are not UTF-8 "
     "(b'c\\x00\\xff'): the partial fault raises, fails open and the rule counts "
     "an error for every such name"))

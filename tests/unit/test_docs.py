@@ -6,23 +6,16 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
+from proxy.core.faults import FAULT_TYPES
 from proxy.errors import InvalidFile
 from proxy.loader import load_scenario_text, scenario_schema
+from support.docs import ROOT, SCENARIOS_DOC, blocks, fault_example, fault_sections
 
-ROOT = Path(__file__).resolve().parents[2]
-DOC = ROOT / "docs" / "scenarios.md"
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.S | re.M)
-
-
-def blocks() -> list[tuple[str, str, int]]:
-    """(language, text, line of the fence) of every fenced block."""
-    text = DOC.read_text()
-    return [(m.group(1), m.group(2), text.count("\n", 0, m.start()) + 1) for m in FENCE.finditer(text)]
+DOC = SCENARIOS_DOC
 
 
 YAML_BLOCKS = [(body, line) for lang, body, line in blocks() if lang == "yaml"]
@@ -43,7 +36,8 @@ def test_doc_has_examples() -> None:
     assert len(YAML_BLOCKS) >= 30
 
 
-@pytest.mark.parametrize("body", [b for b, _ in YAML_BLOCKS], ids=[f"line{n}" for _, n in YAML_BLOCKS])
+@pytest.mark.parametrize("body", [b for b, _ in YAML_BLOCKS],
+                         ids=[f"line{n}" for _, n in YAML_BLOCKS])
 def test_yaml_example(body: str) -> None:
     if body.lstrip().startswith("# invalid"):
         with pytest.raises(InvalidFile):
@@ -53,11 +47,13 @@ def test_yaml_example(body: str) -> None:
 
 
 def test_every_selector_and_fault_has_a_section() -> None:
-    from proxy.core.model import FAULT_TYPES
-
     headings = set(re.findall(r"^### (.+)$", DOC.read_text(), re.M))
+    # The Faults chapter has exactly one section per registered fault type,
+    # each with an example of that very fault.
+    assert sorted(fault_sections()) == sorted(FAULT_TYPES)
     for fault in FAULT_TYPES:
-        assert fault in headings
+        example = fault_example(fault)
+        assert (example if isinstance(example, str) else example["type"]) == fault
     for key in ["name", "suffix", "glob", "regex", "qtype", "transport", "listener",
                 "probability", "every", "first", "hash"]:
         assert key in headings
@@ -69,7 +65,7 @@ def test_shown_validate_output_is_real() -> None:
     print exactly those lines."""
     found = blocks()
     checked = 0
-    for (lang, body, _), (next_lang, output, _) in zip(found, found[1:]):
+    for (lang, body, _), (next_lang, output, _) in zip(found, found[1:], strict=False):
         if lang != "yaml" or not body.startswith("# invalid") or next_lang != "console":
             continue
         command, *expected = output.rstrip("\n").splitlines()
@@ -96,7 +92,8 @@ def test_schema_has_header() -> None:
     assert "phases" in schema["required"]
 
 
-@pytest.mark.parametrize("body", [b for b, _ in YAML_BLOCKS if not b.lstrip().startswith("# invalid")])
+@pytest.mark.parametrize("body", [b for b, _ in YAML_BLOCKS
+                                  if not b.lstrip().startswith("# invalid")])
 def test_yaml_example_matches_the_json_schema(body: str) -> None:
     # Editors check against the schema: it must accept every documented form.
     jsonschema = pytest.importorskip("jsonschema")

@@ -117,7 +117,7 @@ def test_zero_length_phases_are_skipped() -> None:
 def test_clear_reverts_at_once() -> None:
     engine = Engine()
     engine.load(THREE_PHASES, 0.0, 0.0)
-    assert engine.on_query(query(), 1.0, random.Random(1)) is not None
+    assert isinstance(engine.on_query(query(), 1.0, random.Random(1)), Reply)
     engine.clear()
     assert not engine.active and engine.on_query(query(), 1.0, random.Random(1)) is None
     assert engine.current_phase(1.0) is None
@@ -186,7 +186,7 @@ def test_limit_counts_injections_not_declines() -> None:
     engine.set_rules(rules({"fault": "truncate", "limit": {"count": 1}}), 0.0)
     rng = random.Random(1)
     assert engine.on_query(query(transport="tcp"), 1.0, rng) is None  # declined, not counted
-    assert engine.on_query(query(), 1.0, rng) is not None
+    assert isinstance(engine.on_query(query(), 1.0, rng), Reply)
     assert engine.on_query(query(), 1.0, rng) is None
 
 
@@ -194,11 +194,12 @@ def test_limit_per_second_token_bucket() -> None:
     engine = Engine()
     engine.set_rules(rules({"fault": "servfail", "limit": {"per_second": 2}}), 0.0)
     rng = random.Random(1)
-    burst = [engine.on_query(query(), 0.0, rng) is not None for _ in range(5)]
+    burst = [isinstance(engine.on_query(query(), 0.0, rng), Reply) for _ in range(5)]
     assert burst == [True, True, False, False, False]
     assert engine.on_query(query(), 0.49, rng) is None
-    assert engine.on_query(query(), 0.5, rng) is not None
-    injected = sum(engine.on_query(query(), 1.0 + i / 100, rng) is not None for i in range(1000))
+    assert isinstance(engine.on_query(query(), 0.5, rng), Reply)
+    injected = sum(isinstance(engine.on_query(query(), 1.0 + i / 100, rng), Reply)
+                   for i in range(1000))
     assert 19 <= injected <= 22  # 2 per second over 10 s, plus what was saved up
 
 
@@ -219,7 +220,7 @@ def test_probability_extremes(p: float, low: int, high: int) -> None:
     engine.set_rules(rules({"match": {"probability": p}, "fault": "servfail"}), 0.0)
     rng = random.Random(2024)
     q = query()
-    hits = sum(engine.on_query(q, 1.0, rng) is not None for _ in range(1000))
+    hits = sum(isinstance(engine.on_query(q, 1.0, rng), Reply) for _ in range(1000))
     assert low <= hits <= high
 
 
@@ -228,7 +229,7 @@ def test_probability_binomial_bounds() -> None:
     engine.set_rules(rules({"match": {"probability": 0.3}, "fault": "servfail"}), 0.0)
     rng = random.Random(2024)
     q = query()
-    hits = sum(engine.on_query(q, 1.0, rng) is not None for _ in range(10_000))
+    hits = sum(isinstance(engine.on_query(q, 1.0, rng), Reply) for _ in range(10_000))
     assert 2817 <= hits <= 3183  # 3000 +/- 4 sigma
     assert engine.stats()[0]["injected"] == hits
 
@@ -244,7 +245,7 @@ def test_ramp_moves_across_the_phase() -> None:
     q = query()
 
     def share(now: float) -> float:
-        return sum(engine.on_query(q, now, rng) is not None for _ in range(2000)) / 2000
+        return sum(isinstance(engine.on_query(q, now, rng), Reply) for _ in range(2000)) / 2000
 
     assert share(50.0) == 0.0  # phase 0 has no rule
     assert share(100.0) == 1.0
@@ -262,7 +263,7 @@ def test_every_and_first_count_per_phase() -> None:
         {"name": "two", "duration": 10, "rules": [{"match": {"first": 1}, "fault": "servfail"}]}),
         0.0, 0.0)
     rng = random.Random(1)
-    got = [engine.on_query(query(), now, rng) is not None for now in (1.0, 2.0, 11.0, 12.0)]
+    got = [isinstance(engine.on_query(query(), now, rng), Reply) for now in (1.0, 2.0, 11.0, 12.0)]
     assert got == [True, False, True, False]
 
 
@@ -274,7 +275,7 @@ def test_flap_follows_the_phase_start() -> None:
             {"fault": {"type": "flap", "period": "4s", "duty": 0.5, "fault": "servfail"}}]}),
         0.0, 0.0)
     rng = random.Random(1)
-    on = [engine.on_query(query(), now, rng) is not None
+    on = [isinstance(engine.on_query(query(), now, rng), Reply)
           for now in (6.0, 7.0, 8.9, 9.0, 10.9, 11.0, 12.9, 13.0)]
     assert on == [False, True, True, False, False, True, True, False]
 
@@ -284,7 +285,8 @@ def test_flap_follows_the_phase_start() -> None:
 
 def test_response_fault_goes_through_on_response() -> None:
     engine = Engine()
-    engine.set_rules(rules({"match": {"suffix": "example.com"}, "fault": {"type": "ttl", "set": 3}}),
+    engine.set_rules(rules({"match": {"suffix": "example.com"},
+                            "fault": {"type": "ttl", "set": 3}}),
                      0.0)
     q = query()
     verdict = engine.on_query(q, 1.0, random.Random(1))
@@ -372,11 +374,14 @@ def test_stats_and_describe() -> None:
     engine.on_query(query("x.example.org"), 1.0, random.Random(1))
     assert engine.stats() == [
         {"run": "test", "scenario": "test", "phase": "empty", "phase_index": 0,
-         "rule": "empty/0", "fault": "nxdomain", "dry_run": False, "matched": 1, "injected": 1, "errors": 0},
+         "rule": "empty/0", "fault": "nxdomain", "dry_run": False,
+         "matched": 1, "injected": 1, "errors": 0},
         {"run": "test", "scenario": "test", "phase": "outage", "phase_index": 1,
-         "rule": "down", "fault": "servfail", "dry_run": False, "matched": 0, "injected": 0, "errors": 0},
+         "rule": "down", "fault": "servfail", "dry_run": False,
+         "matched": 0, "injected": 0, "errors": 0},
         {"run": "test", "scenario": "test", "phase": "tail", "phase_index": 2,
-         "rule": "tail/0", "fault": "refused", "dry_run": False, "matched": 0, "injected": 0, "errors": 0},
+         "rule": "tail/0", "fault": "refused", "dry_run": False,
+         "matched": 0, "injected": 0, "errors": 0},
     ]
     assert engine.describe() == [
         "empty: empty/0: suffix example.com -> NXDOMAIN (negative TTL 60s)",

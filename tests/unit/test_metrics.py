@@ -78,8 +78,8 @@ def test_fault_counters_per_rule_and_dry_run_apart() -> None:
         rule_row("r-dry", "servfail", matched=5, injected=0, dry_run=True, scenario="gd-dry"),
     ])
     m = scrape(engine)
-    assert value(m, "dnschaos_faults_injected_total", run=RUN, scenario="gd", phase="p1", rule="r-nx",
-                 fault="nxdomain") == 6
+    assert value(m, "dnschaos_faults_injected_total", run=RUN, scenario="gd", phase="p1",
+                 rule="r-nx", fault="nxdomain") == 6
     assert value(m, "dnschaos_rule_matches_total", run=RUN, scenario="gd", phase="p1", rule="r-sf",
                  fault="servfail") == 3
     assert value(m, "dnschaos_dry_run_matches_total", run=RUN, scenario="gd-dry", rule="r-dry") == 5
@@ -135,11 +135,14 @@ def test_client_faults_per_address_and_absent_when_not_affected() -> None:
         client_row("127.0.0.8", dry_run=True),  # dry run: received nothing
     ])
     m = scrape(engine)
+    def key(client: str, fault: str) -> frozenset:
+        return frozenset({("client", client), ("run", "r1"), ("scenario", "gd"), ("fault", fault)})
+
     assert samples(m, "dnschaos_client_faults_total") == {
-        frozenset({("client", "127.0.0.2"), ("run", "r1"), ("scenario", "gd"), ("fault", "nxdomain")}): 3,
-        frozenset({("client", "127.0.0.2"), ("run", "r1"), ("scenario", "gd"), ("fault", "servfail")}): 2,
-        frozenset({("client", "127.0.0.3"), ("run", "r1"), ("scenario", "gd"), ("fault", "nxdomain")}): 1,
-        frozenset({("client", "127.0.0.3"), ("run", "r1"), ("scenario", "gd"), ("fault", "delay")}): 4,
+        key("127.0.0.2", "nxdomain"): 3,
+        key("127.0.0.2", "servfail"): 2,
+        key("127.0.0.3", "nxdomain"): 1,
+        key("127.0.0.3", "delay"): 4,
     }
 
 
@@ -318,7 +321,8 @@ def test_real_engine_rows_become_metrics() -> None:
     m = scrape(engine, client_groups={"10.1.2.0/24": "payments"})
     assert value(m, "dnschaos_faults_injected_total", run="live", scenario="gd", phase="outage",
                  rule="r-nx", fault="nxdomain") == 6
-    assert value(m, "dnschaos_dry_run_matches_total", run="dry", scenario="gd-dry", rule="r-nx") == 6
+    assert value(m, "dnschaos_dry_run_matches_total", run="dry", scenario="gd-dry",
+                 rule="r-nx") == 6
     assert value(m, "dnschaos_affected_clients", run="live", scenario="gd", rule="r-nx") == 3
     assert value(m, "dnschaos_affected_clients_recent", run="live", scenario="gd", rule="r-nx") == 3
     assert value(m, "dnschaos_dry_run_clients", run="dry", scenario="gd-dry", rule="r-nx") == 3

@@ -6,7 +6,13 @@ import pytest
 
 from proxy.core.model import Scenario
 from proxy.core.schedule import (
-    Scheduler, check_cron, format_time, last_start, next_start, occurrence_at, parse_time,
+    Scheduler,
+    check_cron,
+    format_time,
+    last_start,
+    next_start,
+    occurrence_at,
+    parse_time,
 )
 from proxy.errors import InvalidFile
 from proxy.loader import load_scenario_text
@@ -25,7 +31,8 @@ def test_parse_and_format_time() -> None:
 
 def test_next_and_last_start_in_an_explicit_zone() -> None:
     # 14:00 in Paris is 13:00 UTC in winter.
-    assert next_start("0 14 * * TUE", "Europe/Paris", T("2026-12-01T12:00Z")) == T("2026-12-01T13:00Z")
+    assert (next_start("0 14 * * TUE", "Europe/Paris", T("2026-12-01T12:00Z"))
+            == T("2026-12-01T13:00Z"))
     assert next_start("0 14 * * TUE", "UTC", T("2026-12-01T14:00Z")) == T("2026-12-08T14:00Z")
     assert last_start("0 14 * * TUE", "UTC", T("2026-12-01T14:00Z")) == T("2026-12-01T14:00Z")
     assert last_start("0 14 * * TUE", "UTC", T("2026-12-01T13:59Z")) == T("2026-11-24T14:00Z")

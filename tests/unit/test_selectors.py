@@ -10,7 +10,8 @@ from dnslib import DNSRecord
 
 from proxy.core.model import Match
 from proxy.core.query import QueryView
-from proxy.core.selectors import Selector, hash_share, label_suffixes, normalize_name
+from proxy.core.sampling import hash_share
+from proxy.core.selectors import Selector, label_suffixes, normalize_name
 
 
 def query(name: str = "www.example.com", qtype: str = "A", *, client: str = "192.0.2.10",

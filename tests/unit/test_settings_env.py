@@ -41,7 +41,8 @@ def test_the_config_file_can_come_from_dnschaos_config(config):
 
 def test_a_variable_set_overrides_the_file_and_a_flag_overrides_both(config):
     environ = {"DNSCHAOS_CONFIG": str(config), "DNSCHAOS_LISTEN": "0.0.0.0:2053, [::]:2053",
-               "DNSCHAOS_ADMIN_LISTEN": "0.0.0.0:6380", "DNSCHAOS_UPSTREAMS": "10.0.0.3 10.0.0.4:5300",
+               "DNSCHAOS_ADMIN_LISTEN": "0.0.0.0:6380",
+               "DNSCHAOS_UPSTREAMS": "10.0.0.3 10.0.0.4:5300",
                "DNSCHAOS_ALLOW": "172.28.0.0/24", "DNSCHAOS_ADMIN_TOKEN": "from-env"}
     settings = load_settings(run_args(), environ)
     assert settings.listen == ["0.0.0.0:2053", "[::]:2053"]

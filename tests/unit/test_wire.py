@@ -1,4 +1,5 @@
-"""The raw-bytes parser and reply builders of the hot path."""
+"""The raw-bytes parser (proxy.core.wire) and reply builders (proxy.core.replies) of the
+hot path."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.core import wire
+from proxy.core import replies, wire
 from proxy.errors import MalformedQuery
 
 
@@ -83,7 +84,7 @@ def test_rcode_reply_keeps_id_question_rd_cd_and_echoes_edns():
     q = dns.message.make_query("x.example.test", "AAAA", use_edns=0, want_dnssec=True)
     q.flags |= dns.flags.CD
     data = q.to_wire()
-    reply = dns.message.from_wire(wire.rcode_reply(data, wire.question_end(data), wire.SERVFAIL))
+    reply = dns.message.from_wire(replies.rcode_reply(data, wire.question_end(data), wire.SERVFAIL))
     assert reply.id == q.id
     assert reply.rcode() == dns.rcode.SERVFAIL
     assert reply.question == q.question
@@ -96,7 +97,7 @@ def test_rcode_reply_keeps_id_question_rd_cd_and_echoes_edns():
 
 def test_rcode_reply_without_edns_has_no_opt():
     data = query(use_edns=False)
-    reply = dns.message.from_wire(wire.rcode_reply(data, wire.question_end(data), wire.REFUSED))
+    reply = dns.message.from_wire(replies.rcode_reply(data, wire.question_end(data), wire.REFUSED))
     assert reply.rcode() == dns.rcode.REFUSED
     assert reply.edns == -1
     assert not reply.flags & dns.flags.CD
@@ -105,7 +106,7 @@ def test_rcode_reply_without_edns_has_no_opt():
 def test_header_reply_echoes_id_and_opcode():
     data = bytearray(query())
     data[2] |= 4 << 3  # NOTIFY
-    reply = wire.header_reply(bytes(data), wire.NOTIMP)
+    reply = replies.header_reply(bytes(data), wire.NOTIMP)
     assert reply[:2] == data[:2]
     assert reply[2] & 0x80 and (reply[2] >> 3) & 0xF == 4
     assert reply[3] & 0xF == wire.NOTIMP
@@ -122,7 +123,7 @@ def test_random_bytes_never_crash_the_parser(data):
         return
     assert 12 < qend <= len(data)
     wire.qname_text(data, qend)
-    wire.rcode_reply(data, qend, wire.SERVFAIL)
+    replies.rcode_reply(data, qend, wire.SERVFAIL)
 
 
 _labels = st.lists(st.binary(min_size=1, max_size=63), min_size=0, max_size=5).filter(
@@ -223,7 +224,7 @@ def sized_reply(data: bytes, size: int, *, rcode: int = 0, ede: str | None = Non
 def test_fit_udp_truncates_only_what_the_client_cannot_take(edns, payload, size, truncated):
     data, qend = edns_query(edns, payload)
     reply = sized_reply(data, size)
-    fitted = wire.fit_udp(reply, data, qend)
+    fitted = replies.fit_udp(reply, data, qend)
     if not truncated:
         assert fitted is reply
         return
@@ -240,7 +241,7 @@ def test_fit_udp_keeps_the_rcode_and_the_replys_own_opt():
     data, qend = edns_query(None, name="big.example.test")
     # An extended rcode needs the OPT even for a client without EDNS; an EDE rides along.
     reply = sized_reply(data, 600, rcode=dns.rcode.BADVERS, ede="cut")
-    message = dns.message.from_wire(wire.fit_udp(reply, data, qend))
+    message = dns.message.from_wire(replies.fit_udp(reply, data, qend))
     assert message.flags & dns.flags.TC
     assert message.rcode() == dns.rcode.BADVERS and not message.answer
     assert [(o.code, o.text) for o in message.options] == [(22, "cut")]
@@ -252,7 +253,7 @@ def test_fit_udp_drops_options_that_do_not_fit_but_keeps_the_opt():
     response = dns.message.make_response(reply)
     response.use_edns(0, dns.flags.DO, options=[dns.edns.EDEOption(22, "x" * 600)])
     response.set_rcode(dns.rcode.BADVERS)
-    fitted = wire.fit_udp(response.to_wire(max_size=65535), data, qend)
+    fitted = replies.fit_udp(response.to_wire(max_size=65535), data, qend)
     assert len(fitted) <= 512
     message = dns.message.from_wire(fitted)
     assert message.flags & dns.flags.TC and message.rcode() == dns.rcode.BADVERS

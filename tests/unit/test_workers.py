@@ -265,7 +265,8 @@ def test_frames_and_channel_replies() -> None:
 
 
 def test_first_and_limits_are_split_so_workers_together_never_exceed_them() -> None:
-    scenario = Scenario.model_validate({"name": "s", "phases": [{"name": "p", "duration": "1h", "rules": [
+    scenario = Scenario.model_validate({"name": "s", "phases": [
+        {"name": "p", "duration": "1h", "rules": [
         {"name": "capped", "match": {"name": "a.test", "first": 5}, "fault": "nxdomain",
          "limit": {"count": 7, "per_second": 3}},
         {"name": "nested", "match": {"any": [{"not": {"first": 2}}, {"name": "b.test"}]},
@@ -276,7 +277,8 @@ def test_first_and_limits_are_split_so_workers_together_never_exceed_them() -> N
     assert [r[0].limit.count for r in rules] == [3, 2, 2]
     assert [r[0].limit.per_second for r in rules] == [1.0] * 3
     assert [r[1].match.any[0].not_.first for r in rules] == [1, 1, 0]
-    assert rules[0][0].match.name == ["a.test"] and rules[0][0].fault == scenario.phases[0].rules[0].fault
+    assert rules[0][0].match.name == ["a.test"]
+    assert rules[0][0].fault == scenario.phases[0].rules[0].fault
     # The original is untouched; one worker keeps everything; ad hoc rule lists too.
     assert scenario.phases[0].rules[0].limit.count == 7
     assert worker_share(scenario, 0, 1) is scenario
