@@ -17,6 +17,11 @@ Per contestant:
     lost queries count as +inf, so a p99 that lands on a lost query is
     reported as "lost").
 
+A change of dnschaos against an older version: `--baseline REV` adds the
+contestant ``dnschaos@REV``, that revision of this repository (``git
+archive`` into the temp dir) run by the same Python, measured in the same
+rounds.
+
 Run from the repo root:  python3 bench/run.py [--duration 10] [--only dnsdist,dnschaos]
 Stdlib only.  Writes bench/results/latest.json and prints a markdown table.
 """
@@ -199,14 +204,15 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, cmd: list[str], logfile: Path, cpu: int | None) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], logfile: Path, cpu: int | None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
         if cpu is not None:
             cmd = ["taskset", "-c", str(cpu), *cmd]
         log(f"start {name}: {shlex.join(cmd)}")
         fh = open(logfile, "wb")
         try:
             p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         finally:
             fh.close()
         self.procs.append((name, p))
@@ -291,7 +297,7 @@ def write_rules(cd: Path, name: str, args: argparse.Namespace) -> list[str]:
     rules for dnsdist, address= lines for dnsmasq.  Returns extra arguments."""
     faulted, unused = rule_names(args.rules, args.faulted_every)
     names = faulted + unused
-    if name == "dnschaos":
+    if name.startswith("dnschaos"):
         lines = ["name: bench-rules", "phases:", "  - name: faulted", "    duration: 24h",
                  "    rules:"]
         for i, qname in enumerate(names):
@@ -363,6 +369,20 @@ def dnschaos_command() -> list[str] | None:
     return [str(py) if py.exists() else sys.executable, "-m", "proxy"]
 
 
+def baseline_command(rev: str, d: Path) -> list[str]:
+    """`python -m proxy` from revision `rev` of this repository, unpacked into `d`."""
+    d.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "proxy"],
+                             capture_output=True, timeout=60)
+    if archive.returncode != 0:
+        raise RuntimeError(f"git archive {rev}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(d)], input=archive.stdout, check=True, timeout=60)
+    py = REPO / ".venv" / "bin" / "python"
+    # -P keeps the checkout's own proxy/ off sys.path; PYTHONPATH puts the
+    # baseline's first (see start_contestant).
+    return [str(py) if py.exists() else sys.executable, "-P", "-m", "proxy"]
+
+
 def start_contestant(name: str, procs: Procs, bins: dict, d: Path, upstream: int,
                      cpu: int | None, args: argparse.Namespace) -> tuple[int, subprocess.Popen | None]:
     if name == "nsd-direct":
@@ -393,8 +413,8 @@ newServer{{address='127.0.0.1:{upstream}', name='nsd', checkName='h0.{ZONE}', ch
                f"--server=127.0.0.1#{upstream}", f"--port={port}",
                "--listen-address=127.0.0.1", "--bind-interfaces", "--pid-file=",
                f"--dns-forward-max={args.dnsmasq_forward_max}", "--log-facility=-", *extra]
-    elif name == "dnschaos":
-        base = dnschaos_command()
+    elif name == "dnschaos" or name.startswith("dnschaos@"):
+        base = dnschaos_command() if name == "dnschaos" else args.baseline_cmd
         if base is None:
             raise RuntimeError("dnschaos CLI (proxy/cli.py) does not exist yet")
         admin = free_port()
@@ -409,7 +429,8 @@ newServer{{address='127.0.0.1:{upstream}', name='nsd', checkName='h0.{ZONE}', ch
         ready_timeout = 40.0
     else:
         raise ValueError(name)
-    p = procs.start(name, cmd, lf, cpu)
+    env = {**os.environ, "PYTHONPATH": str(d / "baseline")} if "@" in name else None
+    p = procs.start(name, cmd, lf, cpu, env)
     wait_ready(port, p, name, lf, ready_timeout)
     return port, p
 
@@ -558,11 +579,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="measure every contestant this many times, interleaved, and report "
                          "medians (default 3: this machine's figures vary from run to run)")
+    ap.add_argument("--baseline", metavar="REV", default=None,
+                    help="also measure dnschaos at git revision REV (contestant dnschaos@REV), "
+                         "to compare a change with what it changes")
     ap.add_argument("--output", default=str(RESULTS_DIR / "latest.json"))
     args = ap.parse_args()
 
-    names = ALL_CONTESTANTS if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
-    bad = [n for n in names if n not in ALL_CONTESTANTS]
+    names = list(ALL_CONTESTANTS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    if args.baseline:
+        names.append(f"dnschaos@{args.baseline}")
+    bad = [n for n in names if n not in ALL_CONTESTANTS and not n.startswith("dnschaos@")]
     if bad:
         ap.error(f"unknown contestant(s) {bad}; choose from {ALL_CONTESTANTS}")
     if "dnschaos" in names and dnschaos_command() is None:
@@ -590,6 +616,8 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
+        args.baseline_cmd = baseline_command(args.baseline, tmp / "baseline") \
+            if args.baseline else None
         zone, qfile = write_zone(tmp)
         upstream = free_port()
         start_nsd(procs, bins, tmp, zone, upstream, srv_cpu)
