@@ -358,7 +358,7 @@ def _unwrap(tp: Any) -> Any:
             tp = get_args(tp)[0]
         elif _is_union(tp) and type(None) in get_args(tp):
             rest = [arg for arg in get_args(tp) if arg is not type(None)]
-            tp = rest[0] if len(rest) == 1 else Union[tuple(rest)]
+            tp = rest[0] if len(rest) == 1 else Union[tuple(rest)]  # noqa: UP007 - built at run time
         else:
             return tp
 

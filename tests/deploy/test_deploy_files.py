@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from proxy.config import Settings
-from support.net import free_port
 from proxy.core.model import Scenario
 from proxy.loader import load_model, load_scenario, load_scenario_text
+from support.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -93,7 +93,8 @@ def test_compose_wiring() -> None:
     assert config["upstreams"] == [f"{fixed['unbound']}:53"]
     for name in clients:
         env = {**services[name].get("environment", {})}
-        assert env["DNS_SERVER"] == str(fixed["dnschaos"]) and env["DNS_PORT"] == config["listen"][0].rsplit(":", 1)[1]
+        assert env["DNS_SERVER"] == str(fixed["dnschaos"])
+        assert env["DNS_PORT"] == config["listen"][0].rsplit(":", 1)[1]
     prometheus = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
     targets = [t for job in prometheus["scrape_configs"] if job["job_name"] == "dnschaos"
                for group in job["static_configs"] for t in group["targets"]]

@@ -32,8 +32,14 @@ import pytest
 from support import zone
 from support.dnsutil import assert_same_reply, dig
 from support.faults_support import (
-    getaddrinfo_in_namespace, getent_in_namespace, loopback_with_free_port, resolv_conf, rule,
-    soa_of, unshare_problem, write_scenario,
+    getaddrinfo_in_namespace,
+    getent_in_namespace,
+    loopback_with_free_port,
+    resolv_conf,
+    rule,
+    soa_of,
+    unshare_problem,
+    write_scenario,
 )
 from support.proxy_process import ProxyStartError
 

@@ -33,12 +33,29 @@ import pytest
 
 from support import zone
 from support.dnsutil import (
-    TcpClient, addresses, assert_same_reply, dig, make_query, tcp, udp, udp_raw,
+    TcpClient,
+    addresses,
+    assert_same_reply,
+    dig,
+    make_query,
+    tcp,
+    udp,
+    udp_raw,
 )
 from support.fake_upstream import reply_to
 from support.faults_support import (
-    ask, assert_unaffected, ede_of, injected, phase_bounds, rule, scenario_start, sleep_until,
-    soa_of, timed_ask, ttls, write_scenario,
+    ask,
+    assert_unaffected,
+    ede_of,
+    injected,
+    phase_bounds,
+    rule,
+    scenario_start,
+    sleep_until,
+    soa_of,
+    timed_ask,
+    ttls,
+    write_scenario,
 )
 
 pytestmark = pytest.mark.e2e

@@ -17,8 +17,16 @@ import pytest
 
 from support import zone
 from support.dnsutil import (
-    TcpClient, addresses, assert_same_reply, cookie_option, dig, ecs_option, make_query, tcp,
-    udp, udp_raw,
+    TcpClient,
+    addresses,
+    assert_same_reply,
+    cookie_option,
+    dig,
+    ecs_option,
+    make_query,
+    tcp,
+    udp,
+    udp_raw,
 )
 from support.fake_upstream import answer_a, delay_when, echo_options
 from support.net import ipv6_loopback_available

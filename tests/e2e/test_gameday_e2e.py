@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import dns.rcode
 import pytest
@@ -17,7 +16,15 @@ from support.dnsutil import addresses, make_query, udp
 from support.net import wait_until
 
 from .gameday_helpers import (
-    LONG, SLOW, TOKEN, TWO_PHASES, api, rcode_of, run_state, wait_rcode, wait_state,
+    LONG,
+    SLOW,
+    TOKEN,
+    TWO_PHASES,
+    api,
+    rcode_of,
+    run_state,
+    wait_rcode,
+    wait_state,
     write_scenarios,
 )
 

@@ -34,7 +34,14 @@ from support import zone
 from support.dnsutil import addresses
 from support.fake_upstream import reply_to
 from support.faults_support import (
-    PhaseSpan, ask, assert_unaffected, phase_at, phase_bounds, scenario_start, soa_of, ttls,
+    PhaseSpan,
+    ask,
+    assert_unaffected,
+    phase_at,
+    phase_bounds,
+    scenario_start,
+    soa_of,
+    ttls,
 )
 from support.net import wait_until
 

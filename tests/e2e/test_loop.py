@@ -120,7 +120,7 @@ def assert_idle(procs, seconds: float = 3.0) -> list[float]:
     """Each process (a pid) used under 5 % of a core over `seconds`."""
     before = [cpu_seconds(pid) for pid in procs]
     time.sleep(seconds)
-    shares = [(cpu_seconds(pid) - b) / seconds for pid, b in zip(procs, before)]
+    shares = [(cpu_seconds(pid) - b) / seconds for pid, b in zip(procs, before, strict=True)]
     assert all(share < 0.05 for share in shares), f"CPU shares {shares}: a loop storms"
     return shares
 
@@ -182,7 +182,7 @@ def test_a_looped_upstream_is_skipped_for_the_next(start_proxy, unbound):
                     upstreams=[b, unbound])
     assert wait_for(lambda: a.metric("dnschaos_upstream_looped", upstream=b.hostport) == 1)
     assert a.metric("dnschaos_upstream_looped", upstream=unbound.hostport) == 0
-    for i in range(6):
+    for _ in range(6):
         reply = udp(make_query(zone.WWW, "A"), a.host, a.port, timeout=5)
         assert addresses(reply) == set(zone.WWW_A)
     assert a.metric("dnschaos_upstream_requests_total", upstream=b.hostport) == 0

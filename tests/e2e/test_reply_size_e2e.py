@@ -18,8 +18,15 @@ import pytest
 
 from support import zone
 from support.dnsutil import addresses, assert_same_reply, dig, make_query, udp_raw
-from support.faults_support import ask, assert_unaffected, ede_of, injected, matched, rule, \
-    write_scenario
+from support.faults_support import (
+    ask,
+    assert_unaffected,
+    ede_of,
+    injected,
+    matched,
+    rule,
+    write_scenario,
+)
 
 pytestmark = pytest.mark.e2e
 

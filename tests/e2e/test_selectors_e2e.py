@@ -23,7 +23,14 @@ import pytest
 
 from support import zone
 from support.faults_support import (
-    ask, assert_unaffected, injected, matched, phase_bounds, rule, scenario_start, soa_of,
+    ask,
+    assert_unaffected,
+    injected,
+    matched,
+    phase_bounds,
+    rule,
+    scenario_start,
+    soa_of,
     write_scenario,
 )
 from support.net import free_port
@@ -238,7 +245,7 @@ def test_listener(proxy, unbound, listeners):
 def test_every(proxy, unbound):
     """Every 3rd A query of host12; the AAAA queries in between are not counted."""
     got = []
-    for n in range(9):
+    for _ in range(9):
         got.append(fired(ask(proxy, h(12))))
         assert_unaffected(proxy, unbound, h(12), "AAAA")
     assert got == [None, None, 12] * 3

@@ -11,8 +11,8 @@ the comparison pass vacuously.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import dns.flags
 import dns.message
@@ -22,7 +22,14 @@ import pytest
 
 from support import zone
 from support.dnsutil import (
-    addresses, assert_same_reply, cookie_option, dig, ecs_option, make_query, tcp, udp,
+    addresses,
+    assert_same_reply,
+    cookie_option,
+    dig,
+    ecs_option,
+    make_query,
+    tcp,
+    udp,
 )
 
 pytestmark = pytest.mark.e2e

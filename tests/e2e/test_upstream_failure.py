@@ -17,7 +17,14 @@ import pytest
 from support import zone
 from support.dnsutil import addresses, assert_same_reply, make_query, tcp, udp
 from support.fake_upstream import (
-    Delayed, FakeUpstream, answer_a, garbage, reply_to, silence, wrong_id, wrong_question,
+    Delayed,
+    FakeUpstream,
+    answer_a,
+    garbage,
+    reply_to,
+    silence,
+    wrong_id,
+    wrong_question,
 )
 from support.net import closed_port, hostport
 
@@ -182,7 +189,7 @@ def test_all_upstreams_closed_servfail_by_deadline(all_closed):
     queries = [(send, make_query(zone.host_name(i), "A", edns=0 if i % 2 else None))
                for i in range(12) for send in (udp, tcp)]
     results = concurrently([(send, query, all_closed) for send, query in queries])
-    for (send, query), (reply, elapsed) in zip(queries, results):
+    for (send, query), (reply, elapsed) in zip(queries, results, strict=True):
         _assert_servfail_for(reply, query)
         assert elapsed < DEADLINE + 0.5, f"SERVFAIL after {elapsed:.2f} s over {send.__name__}"
     status, health = all_closed.health()
@@ -195,7 +202,7 @@ def test_all_upstreams_silent_servfail_by_deadline(all_silent):
     proxy, fakes = all_silent
     queries = [(send, make_query(zone.WWW, "A", do=True)) for send in (udp, tcp)]
     results = concurrently([(send, query, proxy) for send, query in queries])
-    for (send, query), (reply, elapsed) in zip(queries, results):
+    for (send, query), (reply, elapsed) in zip(queries, results, strict=True):
         _assert_servfail_for(reply, query)
         assert reply.ednsflags & dns.flags.DO
         assert elapsed < DEADLINE + 0.5, f"SERVFAIL after {elapsed:.2f} s over {send.__name__}"

@@ -15,16 +15,16 @@ from typing import Any
 
 import dns.rcode
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Settings
 from proxy.core.engine import Engine
 from proxy.core.model import Rule
 from proxy.core.selectors import Selector
 from proxy.server import Server
-from support.dnsutil import addresses, make_query, tcp, udp
 from support import zone
+from support.dnsutil import addresses, make_query, tcp, udp
 
 
 class Boom(RuntimeError):

@@ -32,7 +32,15 @@ from hypothesis import strategies as st
 from support.dnsutil import TcpClient, make_query, tcp, udp
 
 from . import (
-    DROP, FORMERR, FORWARD, NOTIMP, REPO, corpus, expected_reaction, fd_count, rss_kib,
+    DROP,
+    FORMERR,
+    FORWARD,
+    NOTIMP,
+    REPO,
+    corpus,
+    expected_reaction,
+    fd_count,
+    rss_kib,
 )
 
 sys.path.insert(0, str(REPO / "fuzz"))

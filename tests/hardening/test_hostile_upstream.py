@@ -17,13 +17,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.core import wire
 from support.dnsutil import addresses, make_query, udp
 from support.fake_upstream import Delayed, answer_a, reply_to, wrong_id, wrong_question
 
-from proxy.core import wire
-
-from . import CLIENT, LISTENER, FakeClient, answer_of, make_forwarder, sent_upstream, \
-    upstream_socket_ports
+from . import (
+    CLIENT,
+    LISTENER,
+    FakeClient,
+    answer_of,
+    make_forwarder,
+    sent_upstream,
+    upstream_socket_ports,
+)
 
 REAL = "192.0.2.53"
 POISON = "203.0.113.66"

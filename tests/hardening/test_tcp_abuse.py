@@ -173,7 +173,7 @@ def _is_closed(sock: socket.socket) -> bool:
         return sock.recv(1) == b""
     except (ConnectionResetError, BrokenPipeError):
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 

@@ -14,8 +14,8 @@ import shutil
 import socket
 import struct
 import subprocess
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import dns.edns
 import dns.exception
@@ -34,7 +34,8 @@ import dns.rrset
 
 def make_query(name: str, rdtype: str | int = "A", *, edns: int | None = 0,
                payload: int = 1232, do: bool = False, options: Sequence[dns.edns.Option] = (),
-               rd: bool = True, cd: bool = False, qid: int | None = None) -> dns.message.QueryMessage:
+               rd: bool = True, cd: bool = False,
+               qid: int | None = None) -> dns.message.QueryMessage:
     """A query; `edns=None` for none (then `do`/`options` must be unset)."""
     if edns is None:
         q = dns.message.make_query(name, rdtype, use_edns=False)
@@ -85,7 +86,7 @@ def udp_raw(data: bytes, host: str, port: int, *, timeout: float = 1.0,
         sock.sendto(data, (host, port))
         try:
             return sock.recv(65535)
-        except socket.timeout:
+        except TimeoutError:
             return None
 
 
@@ -138,7 +139,7 @@ class TcpClient:
         self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(1)
-        except socket.timeout:
+        except TimeoutError:
             return False
         except ConnectionResetError:
             return True
@@ -186,7 +187,8 @@ def _section_diffs(label: str, got: Iterable[dns.rrset.RRset], want: Iterable[dn
             diffs.append(f"{label}: unexpected {g.to_text()}")
         else:
             if set(g) != set(w):
-                diffs.append(f"{label}: records differ:\n  got  {g.to_text()}\n  want {w.to_text()}")
+                diffs.append(f"{label}: records differ:\n  got  {g.to_text()}\n"
+                             f"  want {w.to_text()}")
             if abs(g.ttl - w.ttl) > ttl_slack:
                 diffs.append(f"{label}: TTL of {g.name} {dns.rdatatype.to_text(g.rdtype)} "
                              f"is {g.ttl}, want {w.ttl} (+-{ttl_slack})")

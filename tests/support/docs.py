@@ -31,7 +31,7 @@ def fault_sections() -> dict[str, str]:
     text = SCENARIOS_DOC.read_text()
     chapter = text.split("\n## Faults\n", 1)[1].split("\n## ", 1)[0]
     parts = re.split(r"^### (.+)$", chapter, flags=re.M)
-    return {heading.strip(): body for heading, body in zip(parts[1::2], parts[2::2])}
+    return {heading.strip(): body for heading, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 def fault_example(name: str) -> Any:

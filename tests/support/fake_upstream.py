@@ -30,8 +30,9 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import dns.exception
 import dns.flags

@@ -18,13 +18,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
-
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
+from typing import Any
 
 import dns.exception
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from support.dnsutil import udp_raw
 from support.net import Endpoint, free_port, hostport
