@@ -1,29 +1,76 @@
 """The admin HTTP listener: health, metrics and the game-day API (proxy/api.py),
-served by aiohttp in the proxy's own event loop."""
+served by aiohttp in the proxy's own event loop.
+
+With worker processes, a request that reads traffic counts first gathers
+them from the workers (awaited, never blocking the loop), and a request
+that changes state returns once every worker applies the change."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Protocol
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from proxy.api import Handler, add_routes, auth_middleware
+from proxy.config import Settings
+from proxy.gameday.audit import AuditLog
+from proxy.gameday.runs import GameDay
+from proxy.metrics import UpstreamCounts
 
 
-def make_app(server: Any) -> web.Application:
-    from proxy.api import auth_middleware
+class Upstreams(Protocol):
+    @property
+    def upstreams(self) -> Sequence[UpstreamCounts]: ...
 
+
+class Served(Protocol):
+    """What the admin listener serves (a proxy.server.Server)."""
+
+    settings: Settings
+    audit: AuditLog
+    gameday: GameDay
+    registry: CollectorRegistry
+
+    @property
+    def forwarder(self) -> Upstreams: ...
+
+    async def refresh(self, parts: tuple[str, ...] = ..., timeout: float = ...) -> None: ...
+
+    async def settle(self) -> None: ...
+
+HEALTH_TIMEOUT = 0.5
+"""Seconds /health waits for the workers' upstream views; a late worker's
+last known view is used."""
+READS = ("GET", "HEAD")
+
+
+def make_app(server: Served) -> web.Application:
     settings = server.settings
+
+    @web.middleware
+    async def in_step(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if path == "/health":
+            await server.refresh(("forwarder",), HEALTH_TIMEOUT)
+        elif path == "/metrics" or path.startswith("/api/"):
+            await server.refresh()
+        response = await handler(request)
+        if request.method not in READS:
+            await server.settle()
+        return response
+
     # Off loopback, anyone on the network could read the runs, rules and
     # reports (client addresses and names): there reads need the token too.
     app = web.Application(middlewares=[auth_middleware(
-        getattr(server, "audit", None), settings.admin_token,
+        server.audit, settings.admin_token,
         reads_need_token=not settings.admin_on_loopback(),
-        metrics_need_token=settings.metrics_auth)])
+        metrics_need_token=settings.metrics_auth), in_step])
 
     async def health(request: web.Request) -> web.Response:
-        forwarder = server.forwarder
         upstreams = {u.name: "looped" if u.looped else "up" if u.up else "down"
-                     for u in forwarder.upstreams}
+                     for u in server.forwarder.upstreams}
         healthy = "up" in upstreams.values()
         return web.json_response(
             {"status": "ok" if healthy else "degraded", "upstreams": upstreams},
@@ -36,9 +83,5 @@ def make_app(server: Any) -> web.Application:
 
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    gameday = getattr(server, "gameday", None)
-    if gameday is not None:
-        from proxy.api import add_routes
-
-        add_routes(app, gameday, server.audit)
+    add_routes(app, server.gameday, server.audit)
     return app

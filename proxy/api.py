@@ -23,6 +23,7 @@ from proxy.errors import DnschaosError, InvalidFile
 from proxy.gameday.audit import AuditLog
 from proxy.gameday.report import to_markdown
 from proxy.gameday.runs import Conflict, GameDay, NotFound, Refused
+from proxy.loader import load_model
 
 GAMEDAY = web.AppKey("gameday", GameDay)
 AUDIT = web.AppKey("audit", AuditLog)
@@ -342,8 +343,6 @@ async def list_rules(request: web.Request) -> web.Response:
 
 @_errors
 async def add_rule(request: web.Request) -> web.Response:
-    from proxy.loader import load_model
-
     body = dict(_body(request))
     name = body.pop("name", None)
     if not isinstance(name, str) or not name:

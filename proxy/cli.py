@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+from pydantic import ValidationError
 
 from proxy import __version__
+from proxy.api_client import add_client_commands, run_client
 from proxy.config import DEFAULT_ADMIN, DEFAULT_LISTEN, Settings
+from proxy.core.engine import Engine
+from proxy.core.model import parse_duration
+from proxy.core.schedule import parse_time
+from proxy.demo import run_demo
 from proxy.errors import DnschaosError, InvalidFile
+from proxy.loader import load_model, load_scenario, main_schema, main_validate
+from proxy.runtime import run_event_loop, setup_logging
+from proxy.server import Server
 
 log = logging.getLogger("dnschaos")
 
@@ -76,8 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="watch a fault happen, offline")
     demo.add_argument("--interval", type=float, default=0.7, help="seconds between rounds of queries")
 
-    from proxy.client import add_client_commands
-
     add_client_commands(commands)
     return parser
 
@@ -110,8 +118,6 @@ def settings_values(args: argparse.Namespace,
     before it, for the keys it sets: the built-in defaults (not included), the
     config file (--config, else $DNSCHAOS_CONFIG), the DNSCHAOS_* environment
     variables that are set and not empty, the flags."""
-    from proxy.loader import load_model
-
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     config = args.config or environ.get(ENV_CONFIG)
@@ -138,8 +144,6 @@ def load_settings(args: argparse.Namespace,
     """The validated settings (see settings_values), upstreams from resolv.conf
     when none are given."""
     values = settings_values(args, environ)
-    from pydantic import ValidationError
-
     try:
         settings = Settings.model_validate(values)
     except ValidationError as exc:
@@ -152,29 +156,10 @@ def load_settings(args: argparse.Namespace,
     return settings.with_resolv_conf()
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def run_event_loop(main: Any, use_uvloop: bool) -> Any:
-    if use_uvloop:
-        import uvloop
-
-        return uvloop.run(main)
-    return asyncio.run(main)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     setup_logging(settings.log_level)
     settings.check_admin_token()
-    from proxy.core.engine import Engine
-    from proxy.loader import load_scenario
-    from proxy.server import Server
-
     start: list[dict[str, Any]] = []
     scenario_file = args.scenario or os.environ.get("DNSCHAOS_SCENARIO", "").strip()
     time_scale = args.time_scale
@@ -192,8 +177,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise DnschaosError("--time-scale must be greater than 0")
             spec["time_scale"] = time_scale
         if args.at:
-            from proxy.core.schedule import parse_time
-
             try:
                 spec["at"] = parse_time(args.at)
             except ValueError as exc:
@@ -229,26 +212,16 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "run":
             return cmd_run(args)
         if args.command == "validate":
-            from proxy.loader import main_validate
-
-            from proxy.core.model import parse_duration
-
             try:
                 cap = parse_duration(args.max_run_duration)
             except ValueError as exc:
                 raise DnschaosError(f"--max-run-duration: {exc}") from None
             return main_validate(args.files, cap)
         if args.command == "schema":
-            from proxy.loader import main_schema
-
             return main_schema()
         if args.command == "demo":
-            from proxy.demo import run_demo
-
             return run_demo(args.interval)
         if args.command in ("scenario", "rule", "reset", "report"):
-            from proxy.client import run_client
-
             return run_client(args)
     except InvalidFile as exc:
         print(exc, file=sys.stderr)

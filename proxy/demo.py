@@ -15,10 +15,9 @@ from typing import Any
 
 from dnslib import QTYPE, RCODE, RR, DNSRecord
 
-from proxy.cli import run_event_loop, setup_logging
 from proxy.config import Settings
-from proxy.core.engine import Engine
 from proxy.core.model import Scenario
+from proxy.runtime import run_event_loop, setup_logging
 from proxy.server import Server
 
 ZONE = """
@@ -107,8 +106,7 @@ async def _demo(interval: float) -> None:
     upstream_port = upstream.get_extra_info("sockname")[1]
     settings = Settings(listen=["127.0.0.1:0"], upstreams=[f"127.0.0.1:{upstream_port}"],
                         admin=None, log_level="warning")
-    engine = Engine()
-    server = Server(settings, engine)
+    server = Server(settings)
     await server.start()
     port = int(server.listen_addresses[0].rsplit(":", 1)[1])
     scenario = Scenario.model_validate(SCENARIO)
@@ -116,26 +114,39 @@ async def _demo(interval: float) -> None:
           f"proxy on {server.listen_addresses[0]}")
     print(f"scenario {scenario.name!r}: "
           + " -> ".join(f"{p.name} ({p.duration:g}s)" for p in scenario.phases) + "\n")
-    engine.load(scenario, started_at=time.time(), now=time.time())
+    # The same game-day manager as `dnschaos run --scenario`: it ends the run
+    # at its last phase and keeps its final counts.
+    gameday = server.gameday
+    run = gameday.start(scenario, trigger="demo").id
     try:
         shown = None
-        while (phase := engine.current_phase(time.time())) is not None:
-            if phase[1] != shown:
-                shown = phase[1]
+        while (phase := _phase(server, run)) is not None:
+            if phase != shown:
+                shown = phase
                 print(f"--- phase {shown}")
             for name in NAMES:
                 print(f"  {name:<16} {await _ask(port, name)}")
             await asyncio.sleep(interval)
+        while run not in gameday.ended:  # the manager's next tick ends it
+            await asyncio.sleep(0.02)
         print("--- scenario over: everything reverted")
         for name in NAMES:
             print(f"  {name:<16} {await _ask(port, name)}")
         print("\nPer rule: queries matched / faults injected")
-        for row in engine.stats():
+        for row in gameday.ended[run].stats:
             print(f"  {row['phase'] + '/' + row['rule']:<30} {row['fault']:<9} "
                   f"{row['matched']:>3} / {row['injected']}")
     finally:
         await server.stop()
         upstream.close()
+
+
+def _phase(server: Server, run: str) -> str | None:
+    """The name of the run's phase in force now; None once it is over."""
+    for row in server.engine.runs_info(time.time()):
+        if row["run"] == run:
+            return row["phase"] if row["state"] == "running" else None
+    return None
 
 
 def run_demo(interval: float = 0.7) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -21,8 +23,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from proxy import __version__
-from proxy.clients import ClientFaults, affected_counts
-from proxy.stats import Histogram
+from proxy.affected import ClientFaults, affected_counts
+from proxy.config import Settings
+from proxy.stats import Histogram, Stats, UpstreamStats
 
 # Query types given their own label value; a bounded set keeps the series few.
 COMMON_QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT",
@@ -31,10 +34,73 @@ COMMON_QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16:
 RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
                5: "REFUSED", 6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH",
                10: "NOTZONE"}
+RUNNING = "running"
+"""The run state in which a run's phase is in force (`dnschaos_active_phase`)."""
 
 
-ACTIVE_STATES = frozenset({"running", "active"})
-"""Run states in which a run's phase is in force (`dnschaos_active_phase`)."""
+class CountsSource(Protocol):
+    """The engine-side counts the collector reads: the local Engine, or the
+    workers' counts merged (proxy/workers/view.py WorkerCounts)."""
+
+    def stats(self) -> list[dict[str, Any]]: ...
+
+    def client_stats(self) -> list[dict[str, Any]]: ...
+
+    def runs_info(self, now: float) -> list[dict[str, Any]]: ...
+
+
+class UpstreamCounts(Protocol):
+    """An upstream's counters (forwarder.Upstream, workers' AggregateUpstream)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def stats(self) -> UpstreamStats: ...
+
+    @property
+    def up(self) -> bool: ...
+
+    @property
+    def looped(self) -> bool: ...
+
+    def sent(self) -> int: ...
+
+    def replies(self) -> int: ...
+
+
+class Traffic(Protocol):
+    """The forwarder's counters (a Forwarder)."""
+
+    @property
+    def stats(self) -> Stats: ...
+
+    @property
+    def upstreams(self) -> Sequence[UpstreamCounts]: ...
+
+    @property
+    def inflight(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class MetricsView:
+    """Everything one scrape reads."""
+
+    stats: Stats
+    upstreams: Sequence[UpstreamCounts]
+    inflight: int
+    counts: CountsSource
+    engine_errors: int
+    """The engine's own failures (the rules' are in counts.stats())."""
+    workers: list[dict[str, Any]] | None = None
+    """Per worker process: worker, queries, restarts; None: one process."""
+
+
+def local_view(forwarder: Traffic, engine: Any) -> MetricsView:
+    """The view of one process: its forwarder and its engine."""
+    return MetricsView(stats=forwarder.stats, upstreams=forwarder.upstreams,
+                       inflight=forwarder.inflight, counts=engine,
+                       engine_errors=int(engine.errors))
 
 
 EndedRuns = Callable[[float], list[Any]]
@@ -43,21 +109,17 @@ scenario, dry_run, ended_at, stats and clients (the engine's rows as it ended)."
 
 
 class ForwarderCollector(Collector):
-    def __init__(self, forwarder: Any, clock: Callable[[], float] = time.time,
+    def __init__(self, read: Callable[[], MetricsView], settings: Settings,
+                 clock: Callable[[], float] = time.time,
                  ended: EndedRuns | None = None) -> None:
-        self.forwarder = forwarder
+        self.read = read
         self.clock = clock
         self.ended = ended
-        settings = getattr(forwarder, "settings", None)
-        self.affected_window = float(getattr(settings, "affected_window", 60.0))
-        self.client_faults = ClientFaults(getattr(settings, "client_groups", None) or {},
-                                          int(getattr(settings, "client_label_cap", 50)))
+        self.affected_window = settings.affected_window
+        self.client_faults = ClientFaults(settings.client_groups, settings.client_label_cap)
 
     def collect(self) -> Iterator[Any]:
-        fwd = self.forwarder
-        snapshot = getattr(fwd, "metrics_snapshot", None)
-        if callable(snapshot):  # worker processes (proxy/workers.py): their counters, summed
-            fwd = snapshot()
+        fwd = self.read()
         s = fwd.stats
         info = InfoMetricFamily("dnschaos_build", "Version of dnschaos.")
         info.add_metric([], {"version": __version__})
@@ -124,7 +186,8 @@ class ForwarderCollector(Collector):
         yield _counter("dnschaos_engine_errors",
                        "Failures inside the fault engine or a rule's fault (the query or "
                        "answer went through unchanged); per rule in dnschaos_rule_errors_total.",
-                       s.engine_errors + _engine_error_count(fwd.engine))
+                       s.engine_errors + fwd.engine_errors
+                       + sum(row.get("errors", 0) for row in fwd.counts.stats()))
         yield _gauge("dnschaos_inflight_queries", "Queries waiting for an upstream.",
                      fwd.inflight)
         yield _counter("dnschaos_tcp_connections", "Client TCP connections accepted.",
@@ -168,7 +231,7 @@ class ForwarderCollector(Collector):
             "dnschaos_upstream_request_duration_seconds",
             "Time from sending an attempt to the upstream to its valid reply.", ["upstream"],
             [([u.name], u.stats.latency) for u in fwd.upstreams])
-        yield from self._engine_metrics(fwd.engine)
+        yield from self._engine_metrics(fwd.counts)
         up = GaugeMetricFamily("dnschaos_upstream_up",
                                "1 when the upstream is considered healthy.", labels=["upstream"])
         for upstream in fwd.upstreams:
@@ -179,13 +242,13 @@ class ForwarderCollector(Collector):
             "1 while the upstream forwards back to this proxy (a forwarding loop): "
             "it gets no queries.", labels=["upstream"])
         for upstream in fwd.upstreams:
-            looped.add_metric([upstream.name], 1 if getattr(upstream, "looped", False) else 0)
+            looped.add_metric([upstream.name], 1 if upstream.looped else 0)
         yield looped
         yield from _worker_metrics(fwd, s)
 
-    def _engine_metrics(self, engine: Any) -> Iterator[Any]:
+    def _engine_metrics(self, engine: CountsSource) -> Iterator[Any]:
         now = self.clock()
-        stats, clients = _rows(engine, "stats"), _rows(engine, "client_stats")
+        stats, clients = list(engine.stats()), list(engine.client_stats())
         ended = self._ended(engine, now)
         for run in ended:
             stats += run.stats
@@ -222,11 +285,11 @@ class ForwarderCollector(Collector):
         yield from self._client_metrics(clients, now)
         yield from self._run_metrics(engine, ended, now)
 
-    def _ended(self, engine: Any, now: float) -> list[Any]:
+    def _ended(self, engine: CountsSource, now: float) -> list[Any]:
         """The ended runs to show besides the engine's own (none it still holds)."""
         if self.ended is None:
             return []
-        held = {str(row.get("run")) for row in _rows(engine, "runs_info", now)}
+        held = {str(row.get("run")) for row in engine.runs_info(now)}
         return [run for run in self.ended(now) if run.run not in held]
 
     def _client_metrics(self, rows: list[dict[str, Any]], now: float) -> Iterator[Any]:
@@ -259,7 +322,8 @@ class ForwarderCollector(Collector):
             faults.add_metric(list(key), count)
         yield faults
 
-    def _run_metrics(self, engine: Any, ended: list[Any], now: float) -> Iterator[Any]:
+    def _run_metrics(self, engine: CountsSource, ended: list[Any],
+                     now: float) -> Iterator[Any]:
         active = GaugeMetricFamily(
             "dnschaos_active_phase", "1 for the scenario phase now in force (dry runs excluded).",
             labels=["scenario", "phase"])
@@ -270,39 +334,30 @@ class ForwarderCollector(Collector):
         remaining = GaugeMetricFamily(
             "dnschaos_run_phase_remaining_seconds",
             "Seconds until the run's current phase ends.", labels=["run", "scenario"])
-        if callable(getattr(engine, "runs_info", None)):
-            seen: set[tuple[str, str]] = set()
-            for run in engine.runs_info(now):
-                run_id, scenario = str(run.get("run", "")), str(run.get("scenario") or "")
-                state, phase = str(run.get("state") or ""), str(run.get("phase") or "")
-                info.add_metric([run_id, scenario, state, phase,
-                                 "true" if run.get("dry_run") else "false"], 1)
-                left = run.get("remaining")
-                if left is not None and math.isfinite(float(left)):
-                    remaining.add_metric([run_id, scenario], float(left))
-                if (state in ACTIVE_STATES and phase and not run.get("dry_run")
-                        and (scenario, phase) not in seen):
-                    seen.add((scenario, phase))
-                    active.add_metric([scenario, phase], 1)
-            for run in ended:
-                info.add_metric([run.run, run.scenario, "ended", "",
-                                 "true" if run.dry_run else "false"], 1)
-        elif callable(getattr(engine, "current_phase", None)):
-            phase = engine.current_phase(now)
-            if phase is not None:
-                active.add_metric([engine.scenario or "", phase[1]], 1)
-                info.add_metric([engine.scenario or "", engine.scenario or "", "running", phase[1],
-                                 "false"], 1)
-                if math.isfinite(phase[2]):
-                    remaining.add_metric([engine.scenario or "", engine.scenario or ""], phase[2])
+        seen: set[tuple[str, str]] = set()
+        for run in engine.runs_info(now):
+            run_id, scenario = str(run.get("run", "")), str(run.get("scenario") or "")
+            state, phase = str(run.get("state") or ""), str(run.get("phase") or "")
+            info.add_metric([run_id, scenario, state, phase,
+                             "true" if run.get("dry_run") else "false"], 1)
+            left = run.get("remaining")
+            if left is not None and math.isfinite(float(left)):
+                remaining.add_metric([run_id, scenario], float(left))
+            if (state == RUNNING and phase and not run.get("dry_run")
+                    and (scenario, phase) not in seen):
+                seen.add((scenario, phase))
+                active.add_metric([scenario, phase], 1)
+        for run in ended:
+            info.add_metric([run.run, run.scenario, "ended", "",
+                             "true" if run.dry_run else "false"], 1)
         yield active
         yield info
         yield remaining
 
 
-def _worker_metrics(fwd: Any, s: Any) -> Iterator[Any]:
+def _worker_metrics(fwd: MetricsView, s: Stats) -> Iterator[Any]:
     """Per worker process; a single process is worker "0"."""
-    workers = getattr(fwd, "workers", None)
+    workers = fwd.workers
     if workers is None:
         workers = [{"worker": "0", "queries": s.queries_udp + s.queries_tcp, "restarts": 0}]
     queries = CounterMetricFamily(
@@ -318,21 +373,8 @@ def _worker_metrics(fwd: Any, s: Any) -> Iterator[Any]:
     yield restarts
 
 
-def _rows(engine: Any, method: str, *args: Any) -> list[dict[str, Any]]:
-    """engine.<method>(*args) when the engine has it, else no rows."""
-    read = getattr(engine, method, None)
-    return list(read(*args)) if callable(read) else []
-
-
 def _run_of(row: dict[str, Any]) -> str:
-    """The row's run id (an engine without runs: its scenario stands for it)."""
-    return str(row.get("run") or row.get("scenario") or "")
-
-
-def _engine_error_count(engine: Any) -> int:
-    """The engine's own failures plus every rule's."""
-    rows = _rows(engine, "stats")
-    return int(getattr(engine, "errors", 0) or 0) + sum(row.get("errors", 0) for row in rows)
+    return str(row.get("run") or "")
 
 
 def _histogram(name: str, doc: str, labels: list[str],
@@ -351,8 +393,10 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
-def make_registry(forwarder: Any, clock: Callable[[], float] = time.time,
+def make_registry(read: Callable[[], MetricsView], settings: Settings,
+                  clock: Callable[[], float] = time.time,
                   ended: EndedRuns | None = None) -> CollectorRegistry:
+    """A registry whose one collector reads `read()` at every scrape."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ForwarderCollector(forwarder, clock, ended))
+    registry.register(ForwarderCollector(read, settings, clock, ended))
     return registry

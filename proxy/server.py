@@ -13,88 +13,118 @@ import asyncio
 import gc
 import logging
 import signal
-import socket
-import time
+
+from collections.abc import Callable
 from typing import Any
+
 from aiohttp import web
 
 from proxy.admin import make_app
-from proxy.config import ADMIN_PORT, DNS_PORT, Settings, format_hostport, split_hostport
+from proxy.config import ADMIN_PORT, Settings, format_hostport, split_hostport
+from proxy.core.engine import Engine
 from proxy.errors import ListenError
 from proxy.forwarder import Forwarder
-from proxy.frontends import TcpConnection, UdpFrontend
-from proxy.metrics import make_registry
+from proxy.gameday.audit import AuditLog
+from proxy.gameday.catalog import Catalog
+from proxy.gameday.runs import GameDay
+from proxy.gameday.watcher import watch
+from proxy.listeners import Listeners, probe_free
+from proxy.metrics import MetricsView, local_view, make_registry
+from proxy.workers.pool import ACK_TIMEOUT, COUNT_PARTS, WorkerPool
+from proxy.workers.replication import CallLog, LoggedEngine
+from proxy.workers.view import PoolForwarder, WorkerCounts
 
 log = logging.getLogger("dnschaos.server")
 
 
 class Server:
-    def __init__(self, settings: Settings, engine: Any = None,
+    def __init__(self, settings: Settings, engine: Engine | None = None,
                  start: list[dict[str, Any]] | None = None) -> None:
         """start: runs to start once listening, each keyword arguments of
         GameDay.start plus `scenario` (a Scenario) and `file`; a scenario
         with a schedule is only registered (its schedule starts it)."""
-        if engine is None:
-            from proxy.core.engine import Engine
-
-            engine = Engine()
-        from proxy.gameday.audit import AuditLog
-        from proxy.gameday.catalog import Catalog
-        from proxy.gameday.runs import GameDay
-
+        local = engine if engine is not None else Engine()
         self.settings = settings
-        self.pool: Any = None
-        """With `workers` > 1: the worker processes (proxy/workers.py), which
+        self.local_engine = local
+        self.pool: WorkerPool | None = None
+        """With `workers` > 1: the worker processes (proxy/workers/), which
         serve DNS; this process then runs only the admin API and the game day,
         and its engine and forwarder stand for the workers'."""
+        self.engine: Engine | LoggedEngine
+        self.forwarder: Forwarder | PoolForwarder
+        read: Callable[[], MetricsView]
         if settings.workers > 1:
-            from proxy.workers import FanoutEngine, PoolForwarder, WorkerPool
-
-            self.pool = WorkerPool(settings, settings.workers)
-            engine = FanoutEngine(engine, self.pool)
-            self.forwarder: Any = PoolForwarder(settings, self.pool, engine)
+            calls = CallLog()
+            pool = self.pool = WorkerPool(settings, settings.workers, calls)
+            pool.known_run = lambda run: local.get_run(run) is not None
+            counts = WorkerCounts(local, pool)
+            self.engine = LoggedEngine(local, calls, counts)
+            self.forwarder = forwarder = PoolForwarder(settings, pool, counts)
+            read = forwarder.metrics_view
         else:
-            self.forwarder = Forwarder(settings, engine)
-        self.engine = engine
+            self.engine = local
+            self.forwarder = single = Forwarder(settings, local)
+            read = lambda: local_view(single, local)  # noqa: E731
         self.audit = AuditLog(settings.audit_log)
-        self.gameday = GameDay(engine, max_run_duration=settings.max_run_duration,
+        self.gameday = GameDay(self.engine, max_run_duration=settings.max_run_duration,  # type: ignore[arg-type]
                                catalog=Catalog(settings.scenario_dir),
                                report_dir=settings.report_dir,
                                release=self.forwarder.release_delayed,
-                               ended_run_retention=settings.ended_run_retention)
+                               ended_run_retention=settings.ended_run_retention,
+                               before_tick=self._before_tick if self.pool else None)
         self._initial = start or []
         self._watch_stop: asyncio.Event | None = None
-        self._watcher: asyncio.Task | None = None
-        self.registry = make_registry(self.forwarder, ended=self.gameday.ended_runs)
-        self.tcp_connections: set[TcpConnection] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self.registry = make_registry(read, settings, ended=self.gameday.ended_runs)
+        self.listeners: Listeners | None = None
         self.listen_addresses: list[str] = []  # with the real ports, once bound
         self.admin_address: str | None = None
-        self._udp: list[asyncio.DatagramTransport] = []
-        self._udp_frontends: list[UdpFrontend] = []
-        self._tcp: list[asyncio.AbstractServer] = []
         self._admin: web.AppRunner | None = None
         self._stopped = asyncio.Event()
-        self._phase_watch: asyncio.TimerHandle | None = None
-        self._phase_seen: tuple | None = None
+
+    # --- what the admin listener awaits (worker processes only) -------------------------
+
+    async def refresh(self, parts: tuple[str, ...] = COUNT_PARTS,
+                      timeout: float = ACK_TIMEOUT) -> None:
+        """Gather the workers' counts before a read (nothing with one process)."""
+        if self.pool is not None:
+            await self.pool.refresh(parts, timeout)
+
+    async def settle(self) -> None:
+        """Wait until every worker applies the changes made so far."""
+        if self.pool is not None:
+            await self.pool.settle()
+
+    async def _before_tick(self, now: float) -> None:
+        """A run about to end gets its final counts into its report."""
+        if isinstance(self.engine, LoggedEngine) and self.engine.ending_by(now):
+            await self.refresh(("stats", "clients"))
+
+    # --- life cycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         self.settings.check_admin_token()
         if self.pool is not None:
             if self.settings.admin:  # before starting workers that would be killed again
-                from proxy.workers import probe_free
-
                 probe_free(self.settings.admin, ADMIN_PORT, ("tcp",), "--admin")
             await self.pool.start()
             self.listen_addresses = list(self.pool.listen)
         else:
-            await self._start_listeners()
+            assert isinstance(self.forwarder, Forwarder)
+            await self.forwarder.start()
+            self.listeners = Listeners(self.forwarder)
+            try:
+                self.listen_addresses = list(await self.listeners.start(self.settings.listen))
+            except ListenError:
+                await self.forwarder.stop()
+                raise
+            self.forwarder.start_loop_probes()
         try:
             await self._start_admin()
         except BaseException:
             if self.pool is not None:
                 self.pool.kill_all()
             raise
-        self._watch_phases()
         self._start_gameday()
         # Everything built so far (modules, models, sockets) lives as long as
         # the process: keep it out of the garbage collector's full passes,
@@ -107,42 +137,6 @@ class Server:
             ", ".join(self.settings.upstreams),
             self.settings.policy, self.admin_address or "nothing (off)",
         )
-
-    async def _start_listeners(self) -> None:
-        loop = asyncio.get_running_loop()
-        await self.forwarder.start()
-        for text in self.settings.listen:
-            host, port = split_hostport(text, DNS_PORT)
-            # TCP first, so that port 0 picks a free port that UDP then shares.
-            # The listener's text is known only once bound: the factory reads it from a cell.
-            # Neither sets SO_REUSEPORT, so a port another program holds is refused.
-            cell: list[str] = []
-            proto = "tcp"
-            try:
-                tcp = await loop.create_server(
-                    lambda cell=cell: TcpConnection(self.forwarder, cell[0], self.tcp_connections),
-                    host, port, reuse_address=True, family=_family(host),
-                )
-                self._tcp.append(tcp)
-                port = tcp.sockets[0].getsockname()[1]
-                listener = format_hostport(host, port)
-                cell.append(listener)
-                proto = "udp"
-                udp, frontend = await loop.create_datagram_endpoint(
-                    lambda listener=listener: UdpFrontend(self.forwarder, listener),
-                    local_addr=(host, port), family=_family(host),
-                )
-            except OSError as exc:
-                for server in self._tcp:
-                    server.close()
-                for transport in self._udp:
-                    transport.close()
-                await self.forwarder.stop()
-                raise ListenError.from_os_error(text, proto, exc, "--listen") from None
-            self._udp.append(udp)
-            self._udp_frontends.append(frontend)
-            self.listen_addresses.append(listener)
-        self.forwarder.start_loop_probes()
 
     async def _start_admin(self) -> None:
         if self.settings.admin:
@@ -167,8 +161,6 @@ class Server:
             log.info("%d scenario(s) in %s%s", len(gameday.catalog.scenarios),
                      self.settings.scenario_dir,
                      f", {len(changes.errors)} file(s) refused" if changes.errors else "")
-            from proxy.gameday.watcher import watch
-
             self._watch_stop = asyncio.Event()
             self._watcher = asyncio.get_running_loop().create_task(
                 watch(self.settings.scenario_dir, gameday.reload, self._watch_stop),
@@ -183,38 +175,15 @@ class Server:
         gameday.tick()  # a schedule in progress rejoins before the first query
         gameday.start_background()
 
-    def _watch_phases(self) -> None:
-        """Log phase changes of runs the game-day manager does not own (it logs
-        its own): one line per event."""
-        if self.gameday.runs:
-            self._phase_watch = asyncio.get_running_loop().call_later(0.1, self._watch_phases)
-            return
-        phase = self.engine.current_phase(time.time())
-        seen = (self.engine.scenario, phase[0], phase[1]) if phase else None
-        if seen != self._phase_seen:
-            if seen is not None:
-                log.info("scenario %s: phase %d %r begins (%.1f s)", seen[0], seen[1] + 1,
-                         seen[2], phase[2])  # type: ignore[index]
-            elif self._phase_seen is not None:
-                log.info("scenario %s ended: every fault reverted", self._phase_seen[0])
-            self._phase_seen = seen
-        self._phase_watch = asyncio.get_running_loop().call_later(0.1, self._watch_phases)
-
     async def stop(self) -> None:
-        if self._phase_watch is not None:
-            self._phase_watch.cancel()
         await self.stop_gameday()
         if self.pool is not None:
             await self.pool.shutdown(self.settings.deadline + 2.2)
-        for udp in self._udp:
-            udp.close()
-        for tcp in self._tcp:
-            tcp.close()
-        for connection in list(self.tcp_connections):
-            connection.close()
+        if self.listeners is not None:
+            self.listeners.close()
         if self._admin:
             await self._admin.cleanup()
-        if self.pool is None:
+        if isinstance(self.forwarder, Forwarder):
             await self.forwarder.stop()
         self._stopped.set()
 
@@ -229,6 +198,8 @@ class Server:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
             self._watcher = None
+        if self.gameday.runs or self.gameday.rules:
+            await self.refresh(("stats", "clients"))  # the reports' final counts
         await self.gameday.close()
 
     def reload_scenarios(self) -> None:
@@ -258,20 +229,5 @@ class Server:
             limit = limit if limit is not None else self.settings.deadline + 0.2
             await self.pool.shutdown(limit + 2.0)
             return
-        for frontend in self._udp_frontends:
-            frontend.handle = _ignore  # keep the socket: answers in flight still go out
-        for tcp in self._tcp:
-            tcp.close()
-        loop = asyncio.get_running_loop()
-        end = loop.time() + (limit if limit is not None else self.settings.deadline + 0.2)
-        while self.forwarder.inflight > 0 and loop.time() < end:
-            await asyncio.sleep(0.02)
-
-
-def _ignore(*args: object) -> None:
-    pass
-
-
-def _family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
+        if self.listeners is not None:
+            await self.listeners.drain(limit if limit is not None else self.settings.deadline + 0.2)

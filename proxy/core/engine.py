@@ -218,59 +218,6 @@ class Engine:
     def run_ids(self) -> list[str]:
         return [run.id for run in self._sorted(self._runs.values())]
 
-    # --- the legacy single-plan API (proxy/demo.py, the engine tests) ------------------
-
-    def load(self, scenario: Scenario, started_at: float, now: float) -> None:
-        """Replace everything with `scenario`, run from `started_at`."""
-        self.clear()
-        self.add_run(scenario.name, scenario, started_at, now)
-
-    def set_rules(self, rules: list[Rule], phase_started_at: float,
-                  phase_duration: float | None = None, now: float | None = None,
-                  *, name: str = ADHOC) -> None:
-        """Replace everything with ad-hoc rules as a one-phase run named `name`;
-        no duration: until cleared."""
-        self.clear()
-        end = math.inf if phase_duration is None else phase_started_at + phase_duration
-        self._install(name, name, [(name, phase_started_at, end, rules)],
-                      phase_started_at if now is None else now, started_at=phase_started_at,
-                      dry_run=False, hard_end=math.inf, adhoc=True)
-
-    def clear(self) -> None:
-        """Revert everything at once: no runs, nothing recorded."""
-        for run in self._runs.values():
-            if run.ended is None:
-                run.ended = "cleared"
-        self._runs.clear()
-        self._order = ()
-        self.active = False
-        self.store.clear()
-
-    def current_phase(self, now: float) -> tuple[int, str, float] | None:
-        """(index, name, seconds left) of the phase running at `now` in the
-        first run (in rule order) that has one, or None."""
-        for run in self._sorted(self._runs.values()):
-            if run.ended is None or run.ended == "completed":
-                info = run.phase_info(now)
-                if info is not None:
-                    return info
-        return None
-
-    @property
-    def scenario(self) -> str | None:
-        """The first live run's scenario name (else the first run's)."""
-        runs = self._order or tuple(self._sorted(self._runs.values()))
-        return runs[0].scenario if runs else None
-
-    @property
-    def ends_at(self) -> float | None:
-        """When the first run is over (math.inf for ad-hoc rules without a duration)."""
-        runs = self._order or tuple(self._sorted(self._runs.values()))
-        if not runs:
-            return None
-        run = runs[0]
-        return min(run.end + run.shift, run.hard_end)
-
     # --- building ----------------------------------------------------------------------
 
     def _install(self, run_id: str, scenario: str,

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
+import aiohttp
+
 from proxy.core.model import Probe
 from proxy.core.schedule import format_time
 
@@ -77,14 +79,10 @@ async def check(probe: Probe) -> tuple[bool, str]:
 
 async def _check(probe: Probe) -> tuple[bool, str]:
     if probe.http is not None:
-        import aiohttp
-
         async with aiohttp.ClientSession() as session:
             async with session.get(probe.http, allow_redirects=False) as resp:
                 return 200 <= resp.status < 300, f"HTTP {resp.status}"
     if probe.prometheus is not None:
-        import aiohttp
-
         spec = probe.prometheus
         url = spec.url.rstrip("/") + "/api/v1/query"
         async with aiohttp.ClientSession() as session:

@@ -25,11 +25,11 @@ import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from proxy.core.engine import ENDED, Engine
 from proxy.core.model import Rule, Scenario
-from proxy.core.schedule import Scheduler, format_time, parse_time
+from proxy.core.schedule import Scheduler, format_time, next_start, parse_time
 from proxy.errors import DnschaosError, FieldProblem
 from proxy.gameday.catalog import Catalog, Changes
 from proxy.gameday.probes import Checker, ProbeMonitor, check
@@ -128,8 +128,12 @@ class GameDay:
                  catalog: Catalog | None = None, report_dir: str | None = None,
                  clock: Callable[[], float] = time.time,
                  release: Callable[[str | None], int] = lambda run=None: 0,
-                 checker: Checker = check, ended_run_retention: float = 600.0) -> None:
+                 checker: Checker = check, ended_run_retention: float = 600.0,
+                 before_tick: Callable[[float], Awaitable[None]] | None = None) -> None:
+        """before_tick(now): awaited by the background loop before each tick
+        (with worker processes: gathers the counts of runs about to end)."""
         self.engine = engine
+        self.before_tick = before_tick
         self.max_run_duration = max_run_duration
         self.ended_run_retention = ended_run_retention
         self.catalog = catalog or Catalog()
@@ -620,6 +624,8 @@ class GameDay:
     async def _loop(self) -> None:
         while True:
             try:
+                if self.before_tick is not None:
+                    await self.before_tick(self.clock())
                 self.tick()
             except Exception:  # noqa: BLE001 - keep ticking; one bad tick must not stop runs ending
                 log.exception("game day tick failed")
@@ -651,8 +657,6 @@ def _rule_run(name: str) -> str:
 
 
 def _next(scenario: Scenario, now: float) -> float | None:
-    from proxy.core.schedule import next_start
-
     if scenario.schedule and scenario.timezone:
         return next_start(scenario.schedule, scenario.timezone, now)
     return None

@@ -8,12 +8,12 @@ import logging
 from pathlib import Path
 from typing import Callable
 
+from watchfiles import awatch
+
 log = logging.getLogger("dnschaos.gameday")
 
 
 async def watch(directory: str, on_change: Callable[[], object], stop: asyncio.Event) -> None:
-    from watchfiles import awatch
-
     path = Path(directory)
     if not path.is_dir():
         log.error("scenario directory %s does not exist: not watching it", directory)

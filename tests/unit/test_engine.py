@@ -15,6 +15,7 @@ from proxy.core.engine import Engine
 from proxy.core.model import Rule, Scenario
 from proxy.core.query import QueryView
 from proxy.core.verdict import Drop, Forward, Reply
+from support.engine_plans import clear, current_phase, ends_at, load, scenario_of, set_rules
 
 
 def query(name: str = "www.example.com", qtype: str = "A", *, client: str = "192.0.2.10",
@@ -67,8 +68,8 @@ THREE_PHASES = scenario(
 ])
 def test_phases_advance_with_time_scale(now: float, phase: Any, expected: int | None) -> None:
     engine = Engine()
-    engine.load(THREE_PHASES, started_at=100.0, now=100.0)
-    current = engine.current_phase(now)
+    load(engine, THREE_PHASES, started_at=100.0, now=100.0)
+    current = current_phase(engine, now)
     if phase is None:
         assert current is None
     else:
@@ -80,8 +81,8 @@ def test_phases_advance_with_time_scale(now: float, phase: Any, expected: int | 
 
 def test_walking_the_clock_through_a_scenario() -> None:
     engine = Engine()
-    engine.load(THREE_PHASES, started_at=100.0, now=100.0)
-    assert engine.active and engine.scenario == "test" and engine.ends_at == 120.0
+    load(engine, THREE_PHASES, started_at=100.0, now=100.0)
+    assert engine.active and scenario_of(engine) == "test" and ends_at(engine) == 120.0
     seen = []
     for tenth in range(1000, 1210, 5):
         now = tenth / 10
@@ -92,53 +93,53 @@ def test_walking_the_clock_through_a_scenario() -> None:
 
 def test_load_after_the_end_is_inactive() -> None:
     engine = Engine()
-    engine.load(THREE_PHASES, started_at=0.0, now=1000.0)
+    load(engine, THREE_PHASES, started_at=0.0, now=1000.0)
     assert not engine.active
     assert engine.on_query(query(), 1000.0, random.Random(1)) is None
 
 
 def test_nothing_loaded_is_inactive() -> None:
     engine = Engine()
-    assert not engine.active and engine.current_phase(0.0) is None and engine.stats() == []
+    assert not engine.active and current_phase(engine, 0.0) is None and engine.stats() == []
     assert engine.on_query(query(), 0.0, random.Random(1)) is None
-    engine.load(scenario({"name": "quiet", "duration": "1m"}), 0.0, 0.0)
+    load(engine, scenario({"name": "quiet", "duration": "1m"}), 0.0, 0.0)
     assert not engine.active  # no rule: nothing to do
 
 
 def test_zero_length_phases_are_skipped() -> None:
     engine = Engine()
-    engine.load(scenario({"name": "skip", "duration": 0, "rules": [{"fault": "refused"}]},
+    load(engine, scenario({"name": "skip", "duration": 0, "rules": [{"fault": "refused"}]},
                          {"name": "run", "duration": 10, "rules": [{"fault": "servfail"}]}),
                 0.0, 0.0)
-    assert engine.current_phase(0.0) == (1, "run", 10.0)
+    assert current_phase(engine, 0.0) == (1, "run", 10.0)
     assert rcode(engine.on_query(query(), 0.0, random.Random(1))) == SERVFAIL
 
 
 def test_clear_reverts_at_once() -> None:
     engine = Engine()
-    engine.load(THREE_PHASES, 0.0, 0.0)
+    load(engine, THREE_PHASES, 0.0, 0.0)
     assert isinstance(engine.on_query(query(), 1.0, random.Random(1)), Reply)
-    engine.clear()
+    clear(engine)
     assert not engine.active and engine.on_query(query(), 1.0, random.Random(1)) is None
-    assert engine.current_phase(1.0) is None
+    assert current_phase(engine, 1.0) is None
 
 
 def test_set_rules_adhoc() -> None:
     engine = Engine()
-    engine.set_rules(rules({"match": {"qtype": "AAAA"}, "fault": "drop"}), 50.0, 10.0, 50.0)
-    assert engine.active and engine.current_phase(55.0) == (0, "adhoc", 5.0)
+    set_rules(engine, rules({"match": {"qtype": "AAAA"}, "fault": "drop"}), 50.0, 10.0, 50.0)
+    assert engine.active and current_phase(engine, 55.0) == (0, "adhoc", 5.0)
     assert engine.on_query(query(qtype="AAAA"), 55.0, random.Random(1)) == Drop()
     assert engine.on_query(query(qtype="A"), 55.0, random.Random(1)) is None
     assert engine.on_query(query(qtype="AAAA"), 60.0, random.Random(1)) is None
     assert not engine.active
-    engine.set_rules(rules({"fault": "drop"}), 0.0)  # no duration: until cleared
+    set_rules(engine, rules({"fault": "drop"}), 0.0)  # no duration: until cleared
     assert engine.on_query(query(), 1e12, random.Random(1)) == Drop()
 
 
 def test_load_replaces_the_previous_scenario() -> None:
     engine = Engine()
-    engine.set_rules(rules({"fault": "drop"}), 0.0)
-    engine.load(scenario({"name": "p", "duration": 10, "rules": [{"fault": "refused"}]}), 0.0, 0.0)
+    set_rules(engine, rules({"fault": "drop"}), 0.0)
+    load(engine, scenario({"name": "p", "duration": 10, "rules": [{"fault": "refused"}]}), 0.0, 0.0)
     assert rcode(engine.on_query(query(), 1.0, random.Random(1))) == REFUSED
     assert [s["fault"] for s in engine.stats()] == ["refused"]
 
@@ -148,7 +149,7 @@ def test_load_replaces_the_previous_scenario() -> None:
 
 def test_first_matching_rule_wins_in_file_order() -> None:
     engine = Engine()
-    engine.set_rules(rules({"match": {"name": "a.example.com"}, "fault": "nxdomain"},
+    set_rules(engine, rules({"match": {"name": "a.example.com"}, "fault": "nxdomain"},
                            {"match": {"suffix": "example.com"}, "fault": "servfail"},
                            {"match": {"name": "a.example.com"}, "fault": "refused"}), 0.0)
     rng = random.Random(1)
@@ -161,7 +162,7 @@ def test_first_matching_rule_wins_in_file_order() -> None:
 def test_a_rule_that_declines_still_wins() -> None:
     # A flap that is off lets the query pass untouched; later rules are not tried.
     engine = Engine()
-    engine.set_rules(rules(
+    set_rules(engine, rules(
         {"fault": {"type": "flap", "period": 10, "duty": 0.5, "fault": "nxdomain"}},
         {"fault": "servfail"}), 0.0)
     assert rcode(engine.on_query(query(), 1.0, random.Random(1))) == NX
@@ -172,7 +173,7 @@ def test_a_rule_that_declines_still_wins() -> None:
 
 def test_limit_count_then_the_next_rule() -> None:
     engine = Engine()
-    engine.set_rules(rules({"fault": "nxdomain", "limit": {"count": 2}},
+    set_rules(engine, rules({"fault": "nxdomain", "limit": {"count": 2}},
                            {"match": {"name": "www.example.com"}, "fault": "servfail"}), 0.0)
     rng = random.Random(1)
     got = [rcode(engine.on_query(query(), 1.0, rng)) for _ in range(4)]
@@ -183,7 +184,7 @@ def test_limit_count_then_the_next_rule() -> None:
 
 def test_limit_counts_injections_not_declines() -> None:
     engine = Engine()
-    engine.set_rules(rules({"fault": "truncate", "limit": {"count": 1}}), 0.0)
+    set_rules(engine, rules({"fault": "truncate", "limit": {"count": 1}}), 0.0)
     rng = random.Random(1)
     assert engine.on_query(query(transport="tcp"), 1.0, rng) is None  # declined, not counted
     assert isinstance(engine.on_query(query(), 1.0, rng), Reply)
@@ -192,7 +193,7 @@ def test_limit_counts_injections_not_declines() -> None:
 
 def test_limit_per_second_token_bucket() -> None:
     engine = Engine()
-    engine.set_rules(rules({"fault": "servfail", "limit": {"per_second": 2}}), 0.0)
+    set_rules(engine, rules({"fault": "servfail", "limit": {"per_second": 2}}), 0.0)
     rng = random.Random(1)
     burst = [isinstance(engine.on_query(query(), 0.0, rng), Reply) for _ in range(5)]
     assert burst == [True, True, False, False, False]
@@ -205,7 +206,7 @@ def test_limit_per_second_token_bucket() -> None:
 
 def test_limit_per_second_below_one() -> None:
     engine = Engine()
-    engine.set_rules(rules({"fault": "servfail", "limit": {"per_second": 0.1}}), 0.0)
+    set_rules(engine, rules({"fault": "servfail", "limit": {"per_second": 0.1}}), 0.0)
     rng = random.Random(1)
     hits = [now for now in range(60) if engine.on_query(query(), float(now), rng)]
     assert hits == [0, 10, 20, 30, 40, 50]
@@ -217,7 +218,7 @@ def test_limit_per_second_below_one() -> None:
 @pytest.mark.parametrize(("p", "low", "high"), [(0.0, 0, 0), (1.0, 1000, 1000)])
 def test_probability_extremes(p: float, low: int, high: int) -> None:
     engine = Engine()
-    engine.set_rules(rules({"match": {"probability": p}, "fault": "servfail"}), 0.0)
+    set_rules(engine, rules({"match": {"probability": p}, "fault": "servfail"}), 0.0)
     rng = random.Random(2024)
     q = query()
     hits = sum(isinstance(engine.on_query(q, 1.0, rng), Reply) for _ in range(1000))
@@ -226,7 +227,7 @@ def test_probability_extremes(p: float, low: int, high: int) -> None:
 
 def test_probability_binomial_bounds() -> None:
     engine = Engine()
-    engine.set_rules(rules({"match": {"probability": 0.3}, "fault": "servfail"}), 0.0)
+    set_rules(engine, rules({"match": {"probability": 0.3}, "fault": "servfail"}), 0.0)
     rng = random.Random(2024)
     q = query()
     hits = sum(isinstance(engine.on_query(q, 1.0, rng), Reply) for _ in range(10_000))
@@ -236,7 +237,7 @@ def test_probability_binomial_bounds() -> None:
 
 def test_ramp_moves_across_the_phase() -> None:
     engine = Engine()
-    engine.load(scenario(
+    load(engine, scenario(
         {"name": "before", "duration": 100},
         {"name": "recovery", "duration": 100, "rules": [
             {"match": {"probability": {"from": 1, "to": 0}}, "fault": "servfail"}]}),
@@ -258,7 +259,7 @@ def test_ramp_moves_across_the_phase() -> None:
 
 def test_every_and_first_count_per_phase() -> None:
     engine = Engine()
-    engine.load(scenario(
+    load(engine, scenario(
         {"name": "one", "duration": 10, "rules": [{"match": {"first": 1}, "fault": "servfail"}]},
         {"name": "two", "duration": 10, "rules": [{"match": {"first": 1}, "fault": "servfail"}]}),
         0.0, 0.0)
@@ -269,7 +270,7 @@ def test_every_and_first_count_per_phase() -> None:
 
 def test_flap_follows_the_phase_start() -> None:
     engine = Engine()
-    engine.load(scenario(
+    load(engine, scenario(
         {"name": "calm", "duration": 7},
         {"name": "flapping", "duration": 100, "rules": [
             {"fault": {"type": "flap", "period": "4s", "duty": 0.5, "fault": "servfail"}}]}),
@@ -285,7 +286,7 @@ def test_flap_follows_the_phase_start() -> None:
 
 def test_response_fault_goes_through_on_response() -> None:
     engine = Engine()
-    engine.set_rules(rules({"match": {"suffix": "example.com"},
+    set_rules(engine, rules({"match": {"suffix": "example.com"},
                             "fault": {"type": "ttl", "set": 3}}),
                      0.0)
     q = query()
@@ -300,7 +301,7 @@ def test_response_fault_goes_through_on_response() -> None:
 
 def test_delay_then_response_fault_keeps_both() -> None:
     engine = Engine()
-    engine.set_rules(rules({"fault": {"type": "delay", "delay": "1s",
+    set_rules(engine, rules({"fault": {"type": "delay", "delay": "1s",
                                       "then": {"type": "corrupt", "mode": "wrong_id"}}}), 0.0)
     q = query()
     verdict = engine.on_query(q, 1.0, random.Random(1))
@@ -320,7 +321,7 @@ def test_on_response_passes_foreign_verdicts_through() -> None:
 
 def test_a_fault_that_raises_fails_open_on_query() -> None:
     engine = Engine()
-    engine.set_rules(rules({"fault": "nxdomain"}), 0.0)
+    set_rules(engine, rules({"fault": "nxdomain"}), 0.0)
     (rule,) = engine.rules()
 
     def boom(*args: Any) -> None:
@@ -334,7 +335,7 @@ def test_a_fault_that_raises_fails_open_on_query() -> None:
 
 def test_a_fault_that_raises_fails_open_on_response() -> None:
     engine = Engine()
-    engine.set_rules(rules({"fault": "partial"}), 0.0)
+    set_rules(engine, rules({"fault": "partial"}), 0.0)
     q = query()
     verdict = engine.on_query(q, 1.0, random.Random(1))
     garbage = q.wire[:2] + b"\x81\x80\x00\x01\x00\x05"  # counts that lie
@@ -353,7 +354,7 @@ def test_engine_never_reads_the_clock_or_global_random(monkeypatch: pytest.Monke
     for name in ("random", "uniform", "gauss", "randint", "randrange", "randbytes"):
         monkeypatch.setattr(random, name, forbidden)
     engine = Engine()
-    engine.set_rules(rules(
+    set_rules(engine, rules(
         {"match": {"probability": 0.5, "qtype": "A"}, "fault": {"type": "delay", "delay": 1,
                                                                  "jitter": 1}},
         {"match": {"qtype": "AAAA"}, "fault": {"type": "corrupt", "mode": "random"}},
@@ -369,7 +370,7 @@ def test_engine_never_reads_the_clock_or_global_random(monkeypatch: pytest.Monke
 
 def test_stats_and_describe() -> None:
     engine = Engine()
-    engine.load(THREE_PHASES, 0.0, 0.0)
+    load(engine, THREE_PHASES, 0.0, 0.0)
     engine.on_query(query(), 1.0, random.Random(1))
     engine.on_query(query("x.example.org"), 1.0, random.Random(1))
     assert engine.stats() == [
@@ -444,7 +445,7 @@ BIG_REPLIES = {
 ])
 def test_replies_the_proxy_builds_fit_the_udp_client(fault, edns, payload, transport, truncated):
     engine = Engine()
-    engine.set_rules(rules({"match": {"suffix": "example.com"}, "fault": BIG_REPLIES[fault]}), 0.0)
+    set_rules(engine, rules({"match": {"suffix": "example.com"}, "fault": BIG_REPLIES[fault]}), 0.0)
     q = edns_query(edns=edns, payload=payload, transport=transport)
     engine.store.record((q.qname, q.qtype), big_answer(q))  # what `stale` serves
     verdict = engine.on_query(q, 1.0, random.Random(1))
@@ -465,7 +466,7 @@ def test_replies_the_proxy_builds_fit_the_udp_client(fault, edns, payload, trans
 
 def test_a_small_reply_is_not_truncated_over_udp():
     engine = Engine()
-    engine.set_rules(rules({"fault": {"type": "spoof", "a": FORTY[:2]}}), 0.0)
+    set_rules(engine, rules({"fault": {"type": "spoof", "a": FORTY[:2]}}), 0.0)
     for edns in (None, 0):
         reply = reply_of(engine.on_query(edns_query(edns=edns, payload=512), 1.0,
                                          random.Random(1)))
@@ -480,7 +481,7 @@ def test_a_small_reply_is_not_truncated_over_udp():
 ])
 def test_answers_rewritten_longer_fit_the_udp_client(grow, transport, truncated):
     engine = Engine()
-    engine.set_rules(rules({"fault": {"type": "ttl", "set": 5}}), 0.0)
+    set_rules(engine, rules({"fault": {"type": "ttl", "set": 5}}), 0.0)
     (rule,) = engine.rules()
     q = edns_query(transport=transport)
     answer = big_answer(q, 20 if grow else 40)
@@ -503,7 +504,7 @@ def test_answers_rewritten_longer_fit_the_udp_client(grow, transport, truncated)
                                    {"type": "corrupt", "mode": "random"}, "stale"])
 def test_edns_version_above_0_gets_badvers_instead_of_the_fault(fault):
     engine = Engine()
-    engine.set_rules(rules({"match": {"suffix": "example.com"}, "fault": fault}), 0.0)
+    set_rules(engine, rules({"match": {"suffix": "example.com"}, "fault": fault}), 0.0)
     q = edns_query(edns=1, do=True, cd=True)
     reply = reply_of(engine.on_query(q, 1.0, random.Random(1)))
     # What unbound answers to `dig +edns=1 +noednsnegotiation`.
@@ -529,7 +530,7 @@ def test_edns_version_above_0_gets_badvers_instead_of_the_fault(fault):
 
 def test_badvers_does_not_use_up_a_limit_or_count_in_a_dry_run():
     engine = Engine()
-    engine.set_rules(rules({"fault": "nxdomain", "limit": {"count": 1}}), 0.0)
+    set_rules(engine, rules({"fault": "nxdomain", "limit": {"count": 1}}), 0.0)
     engine.add_rule("watch", Rule.model_validate({"fault": "servfail"}), 0.0, dry_run=True)
     assert reply_of(engine.on_query(edns_query(edns=1), 1.0, random.Random(1))).rcode() \
         == dns.rcode.BADVERS

@@ -24,6 +24,7 @@ from proxy.core.query import QueryView
 from proxy.core.stale import StaleStore
 from proxy.core.verdict import Drop, Forward, Reply
 from support.docs import fault_example
+from support.engine_plans import set_rules
 
 # --- helpers ---------------------------------------------------------------------
 
@@ -123,7 +124,7 @@ def test_every_fault_type_is_registered_and_documented() -> None:
 @pytest.mark.parametrize("fault_type", FAULT_TYPES)
 def test_every_fault_applied_and_not_applied(fault_type: str) -> None:
     engine = Engine()
-    engine.set_rules([Rule.model_validate({"match": {"suffix": "example.com"},
+    set_rules(engine, [Rule.model_validate({"match": {"suffix": "example.com"},
                                            "fault": fault_example(fault_type)})], 0.0, None, 0.0)
     rng = random.Random(1)
     assert isinstance(engine.on_query(query("www.example.com"), 1.0, rng), Reply | Drop | Forward)
@@ -209,7 +210,7 @@ def test_extended_rcode_travels_in_opt() -> None:
 
 def test_negative_reply_not_applied_to_other_names() -> None:
     engine = Engine()
-    engine.set_rules([Rule.model_validate({"match": {"name": "a.example.com"},
+    set_rules(engine, [Rule.model_validate({"match": {"name": "a.example.com"},
                                            "fault": "nxdomain"})], 0.0)
     assert engine.on_query(query("b.example.com"), 1.0, random.Random(1)) is None
     assert isinstance(engine.on_query(query("a.example.com"), 1.0, random.Random(1)), Reply)
@@ -376,7 +377,7 @@ def test_ttl_rewrites_every_section_but_opt(spec: Any, expected: list[int]) -> N
 
 def test_ttl_not_applied_leaves_answer_alone() -> None:
     engine = Engine()
-    engine.set_rules([Rule.model_validate({"match": {"name": "a.example"},
+    set_rules(engine, [Rule.model_validate({"match": {"name": "a.example"},
                                            "fault": {"type": "ttl", "set": 1}})], 0.0)
     assert engine.on_query(query("b.example"), 1.0, random.Random(1)) is None
 

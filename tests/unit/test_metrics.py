@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.clients import OTHER, ClientFaults, ClientGroups, ClientLabels, affected_counts
+from proxy.affected import OTHER, ClientFaults, ClientGroups, ClientLabels, affected_counts
 from proxy.config import Settings
 from proxy.metrics import make_registry
 from proxy.stats import Stats

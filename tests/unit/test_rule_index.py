@@ -113,6 +113,7 @@ from proxy.core.engine import Engine  # noqa: E402
 from proxy.core.model import Rule, Scenario  # noqa: E402
 from proxy.core.query import QueryView  # noqa: E402
 from proxy.core.verdict import Forward, Reply  # noqa: E402
+from support.engine_plans import load  # noqa: E402
 
 
 def view(name: str) -> QueryView:
@@ -128,7 +129,7 @@ def scenario(**extra) -> Scenario:
 
 def test_the_engine_finds_the_indexed_rule_and_passes_the_others():
     engine = Engine()
-    engine.load(scenario(), started_at=100.0, now=100.0)
+    load(engine, scenario(), started_at=100.0, now=100.0)
     assert isinstance(engine.on_query(view("h990.test"), 101.0, Random(1)), Reply)
     assert engine.on_query(view("h991.test"), 101.0, Random(1)) is None
     assert engine.errors == 0
@@ -136,7 +137,7 @@ def test_the_engine_finds_the_indexed_rule_and_passes_the_others():
 
 def test_before_the_first_phase_stale_names_are_recorded_without_errors():
     engine = Engine()
-    engine.load(scenario(), started_at=200.0, now=100.0)  # the phase starts later
+    load(engine, scenario(), started_at=200.0, now=100.0)  # the phase starts later
     verdict = engine.on_query(view("a.stale.test"), 101.0, Random(1))
     assert isinstance(verdict, Forward) and verdict.respond is not None
     assert engine.on_query(view("h10.test"), 101.0, Random(1)) is None  # not yet

@@ -13,8 +13,11 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+import yaml
+
 from proxy.config import DEFAULT_ADMIN
 from proxy.errors import DnschaosError
+from proxy.gameday.report import to_markdown
 
 ENV_API = "DNSCHAOS_API"
 """The admin API's URL for the client commands (`dnschaos run` takes its own
@@ -248,8 +251,6 @@ def run_client(args: argparse.Namespace) -> int:
                               raw=True), end="")
             return 0
         out = client.call("GET", f"/api/reports/{_q(args.run)}")
-        from proxy.gameday.report import to_markdown
-
         return _print(args, out, to_markdown(out).rstrip("\n"))
     raise DnschaosError(f"unknown command {command} {action or ''}")
 
@@ -265,8 +266,6 @@ def _q(text: str) -> str:
 
 
 def _mapping(text: str) -> Any:
-    import yaml
-
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as exc:

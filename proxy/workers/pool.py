@@ -1,0 +1,411 @@
+"""The main process's worker pool: starts the workers, feeds them the
+replicated log, asks them for counts, restarts the ones that die, and
+drains them at shutdown.
+
+Nothing here blocks the event loop: the control channels are read by the
+loop (ipc.Channel), a request is a set of futures awaited with a bound, and
+the counts workers sent last are kept (`last`) for the synchronous readers
+(the game day's reports, /metrics) to merge."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from proxy.config import DNS_PORT, Settings, format_hostport
+from proxy.errors import DnschaosError, ListenError
+from proxy.listeners import probe_free, reuse_socket
+from proxy.workers.ipc import Channel
+from proxy.workers.merge import combine_forwarder
+from proxy.workers.replication import EngineLog, Entry
+
+log = logging.getLogger("dnschaos.workers")
+
+ACK_TIMEOUT = 2.0
+"""Seconds to wait for every worker to confirm a state change or answer a read."""
+START_TIMEOUT = 20.0
+"""Seconds a worker has to start listening."""
+MONITOR_INTERVAL = 0.1
+MAX_BACKLOG = 64 << 20
+"""Bytes of control messages a worker may leave unread before it is killed as stuck."""
+COUNT_PARTS = ("forwarder", "stats", "clients")
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    proc: subprocess.Popen[bytes]
+    chan: Channel
+    started: float
+    ready: bool = False
+    failed: str | None = None
+    restarts: int = 0
+    applied: int = 0
+    """The sequence number of the last log entry it said it applied."""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def serving(self) -> bool:
+        return self.ready and not self.chan.closed and self.proc.poll() is None
+
+
+@dataclass
+class Retired:
+    """Counts of workers that died, as of the last gather before they did."""
+
+    forwarder: list[dict[str, Any]] = field(default_factory=list)
+    stats: list[list[dict[str, Any]]] = field(default_factory=list)
+    clients: list[list[dict[str, Any]]] = field(default_factory=list)
+    queries: dict[int, int] = field(default_factory=dict)
+
+
+class WorkerPool:
+    def __init__(self, settings: Settings, count: int, calls: EngineLog) -> None:
+        self.settings = settings
+        self.count = count
+        self.calls = calls
+        self.handles: list[WorkerHandle | None] = [None] * count
+        self.listen: list[str] = []
+        self.worker_settings: Settings | None = None
+        self.known_run: Callable[[str], bool] = lambda run: True
+        self.stopping = False
+        self.last: dict[int, dict[str, Any]] = {}
+        """Per worker index: its last gathered 'forwarder', 'stats', 'clients'."""
+        self.retired = Retired()
+        self.loop_token = os.urandom(4).hex()
+        """Names this proxy in loop probes: every worker knows the others' probes."""
+        self._monitor: asyncio.Task[None] | None = None
+        self._reserved: list[socket.socket] = []
+        self._restarts = [0] * count
+        self._quick_deaths = [0] * count
+        self._restart_at: dict[int, float] = {}
+        self._progress = asyncio.Event()
+        """Set (and replaced) whenever a worker reports progress."""
+        calls.subscribe(self._send_entry)
+
+    # --- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.listen = self._reserve_ports()
+        self.worker_settings = self.settings.model_copy(update={"listen": self.listen,
+                                                               "workers": 1})
+        try:
+            for index in range(self.count):
+                self._spawn(index)
+            await self._wait_ready(list(range(self.count)), START_TIMEOUT)
+        except BaseException:
+            self.kill_all()
+            raise
+        finally:
+            for sock in self._reserved:
+                sock.close()
+            self._reserved.clear()
+        # Probe for loops again now that only workers hold the ports: the
+        # probes they sent at start may have reached a reserving socket.
+        for handle in self._live():
+            handle.chan.send(("probe_loops", 0))
+        self._monitor = asyncio.get_running_loop().create_task(self._watch(),
+                                                               name="worker monitor")
+
+    def _reserve_ports(self) -> list[str]:
+        """The listen addresses with concrete ports, held (SO_REUSEPORT, UDP and
+        TCP) until the workers bind them; a port 0 becomes a free port.
+
+        Every address is first bound without SO_REUSEPORT: a SO_REUSEPORT bind
+        succeeds next to another program's socket that has it set too (unbound,
+        CoreDNS, another dnschaos), and the kernel would then share that
+        program's queries with the workers."""
+        probed = [probe_free(text, DNS_PORT, ("tcp", "udp"), "--listen")
+                  for text in self.settings.listen]
+        out = []
+        text, kind = "", socket.SOCK_STREAM
+        try:
+            for text, (host, port) in zip(self.settings.listen, probed):
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    sock = reuse_socket(family, kind)
+                    self._reserved.append(sock)
+                    sock.bind((host, port))
+                out.append(format_hostport(host, port))
+        except OSError as exc:
+            for sock in self._reserved:
+                sock.close()
+            self._reserved.clear()
+            proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
+            raise ListenError.from_os_error(text, proto, exc, "--listen") from None
+        return out
+
+    def _spawn(self, index: int) -> WorkerHandle:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "proxy.workers", "--control-fd", str(child.fileno())],
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env,
+                start_new_session=False)
+        finally:
+            child.close()
+        handle = WorkerHandle(index, proc, Channel(parent), time.monotonic(),
+                              restarts=self._restarts[index])
+        handle.chan.on_event = lambda event, handle=handle: self._on_event(handle, event)
+        handle.chan.attach(asyncio.get_running_loop())
+        handle.chan.send(("init", {"settings": self.worker_settings, "index": index,
+                                   "count": self.count, "parent": os.getpid(),
+                                   "loop_token": self.loop_token,
+                                   "snapshot": self.calls.snapshot()}))
+        self.handles[index] = handle
+        return handle
+
+    def _on_event(self, handle: WorkerHandle, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "applied":
+            handle.applied = max(handle.applied, event[1])
+        elif kind == "ready" and not handle.ready:
+            handle.ready = True
+            what = "restarted" if handle.restarts else "started"
+            log.info("worker %d %s (pid %d), listening on %s", handle.index, what,
+                     handle.pid, ", ".join(event[1]["listen"]))
+        elif kind == "failed":
+            handle.failed = event[1]
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+    async def _wait_ready(self, indexes: list[int], timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while True:
+            waiting = []
+            for index in indexes:
+                handle = self.handles[index]
+                assert handle is not None
+                if handle.failed:
+                    raise DnschaosError(f"worker {index}: {handle.failed}")
+                if handle.proc.poll() is not None:
+                    raise DnschaosError(f"worker {index} (pid {handle.pid}) exited with status "
+                                        f"{handle.proc.returncode} while starting")
+                if not handle.ready:
+                    waiting.append(index)
+            if not waiting:
+                return
+            if time.monotonic() > end:
+                raise DnschaosError(f"worker(s) {waiting} did not start within {timeout:.0f} s")
+            await asyncio.sleep(0.02)
+
+    async def _watch(self) -> None:
+        while not self.stopping:
+            try:
+                self._watch_once()
+            except Exception:  # noqa: BLE001 - the monitor must go on
+                log.exception("worker monitor failed")
+            await asyncio.sleep(MONITOR_INTERVAL)
+
+    def _watch_once(self) -> None:
+        now = time.monotonic()
+        for index, handle in enumerate(self.handles):
+            if self.stopping:
+                return
+            if handle is None:
+                if now >= self._restart_at.get(index, 0.0):
+                    self._restart(index)
+                continue
+            if handle.failed and handle.proc.poll() is None:
+                handle.proc.kill()
+            if len(handle.chan.out) > MAX_BACKLOG and handle.proc.poll() is None:
+                log.warning("worker %d (pid %d) reads no control messages: killing it",
+                            index, handle.pid)
+                handle.proc.kill()
+            status = handle.proc.poll()
+            if status is None:
+                continue
+            handle.chan.close()
+            self._retire(index)
+            self.handles[index] = None
+            lived = now - handle.started
+            self._quick_deaths[index] = self._quick_deaths[index] + 1 if lived < 2.0 else 0
+            quick = self._quick_deaths[index]
+            delay = min(5.0, 0.1 * 2 ** quick) if quick else 0.0
+            self._restart_at[index] = now + delay
+            log.warning("worker %d (pid %d) exited with status %s%s; restarting it%s", index,
+                        handle.pid, status, f" ({handle.failed})" if handle.failed else "",
+                        f" in {delay:.1f} s" if delay else "")
+            if not delay:
+                self._restart(index)
+
+    def _restart(self, index: int) -> None:
+        self._restarts[index] += 1
+        self._restart_at.pop(index, None)
+        try:
+            self._spawn(index)
+        except OSError as exc:
+            log.error("cannot restart worker %d: %s", index, exc)
+            self._restart_at[index] = time.monotonic() + 1.0
+
+    def _retire(self, index: int) -> None:
+        """Keep what a dead worker had counted (as of the last gather)."""
+        last = self.last.pop(index, None)
+        if not last:
+            return
+        retired = self.retired
+        if "forwarder" in last:
+            retired.forwarder = [combine_forwarder(retired.forwarder + [last["forwarder"]])]
+            queries = last["forwarder"]["stats"]
+            retired.queries[index] = (retired.queries.get(index, 0)
+                                      + queries["queries_udp"] + queries["queries_tcp"])
+        # Only runs the main process still holds are worth keeping (bounded memory).
+        if "stats" in last:
+            retired.stats.append(last["stats"])
+        if "clients" in last:
+            retired.clients.append(last["clients"])
+        retired.stats = [rows for rows in ([r for r in rows if self.known_run(r["run"])]
+                                           for rows in retired.stats) if rows]
+        retired.clients = [rows for rows in ([r for r in rows if self.known_run(r["run"])]
+                                             for rows in retired.clients) if rows]
+
+    async def shutdown(self, grace: float) -> None:
+        """Every worker drains and exits; whatever is left after `grace`
+        seconds more than the drain is killed."""
+        self.stopping = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            try:
+                await self._monitor
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+            self._monitor = None
+        live = [h for h in self.handles if h is not None]
+        for handle in live:
+            handle.chan.send(("drain",))
+        end = time.monotonic() + grace
+        while time.monotonic() < end and any(h.proc.poll() is None for h in live):
+            await asyncio.sleep(0.02)
+        for handle in live:
+            if handle.proc.poll() is None:
+                log.warning("worker %d (pid %d) did not stop in time: killing it",
+                            handle.index, handle.pid)
+                handle.proc.kill()
+                handle.proc.wait(5)
+            log.info("worker %d (pid %d) stopped (status %s)", handle.index, handle.pid,
+                     handle.proc.returncode)
+            handle.chan.close()
+        self.handles = [None] * self.count
+
+    def kill_all(self) -> None:
+        self.stopping = True
+        for handle in self.handles:
+            if handle is not None:
+                if handle.proc.poll() is None:
+                    handle.proc.kill()
+                    handle.proc.wait(5)
+                handle.chan.close()
+        self.handles = [None] * self.count
+        for sock in self._reserved:
+            sock.close()
+        self._reserved.clear()
+
+    # --- the log and requests -----------------------------------------------------------
+
+    def _live(self) -> list[WorkerHandle]:
+        return [h for h in self.handles if h is not None and not h.chan.closed]
+
+    def _send_entry(self, entry: Entry) -> None:
+        """Every live worker gets every entry, a starting one too: it skips
+        what its snapshot already held."""
+        for handle in self._live():
+            handle.chan.send(("entry", entry))
+
+    async def settle(self, timeout: float = ACK_TIMEOUT) -> None:
+        """Wait (without blocking) until every serving worker has applied the
+        log up to now, or `timeout` passes (each late one logged)."""
+        target = self.calls.seq
+        end = time.monotonic() + timeout
+        while True:
+            behind = [h for h in self._live() if h.serving and h.applied < target]
+            left = end - time.monotonic()
+            if not behind:
+                return
+            if left <= 0:
+                for handle in behind:
+                    log.warning("worker %d (pid %d) did not apply change %d within %.1f s",
+                                handle.index, handle.pid, target, timeout)
+                return
+            try:
+                await asyncio.wait_for(self._progress.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    async def request(self, kind: str, *args: Any,
+                      timeout: float = ACK_TIMEOUT) -> dict[int, Any]:
+        """Send (kind, seq, *args) to every serving worker and await their
+        replies, up to `timeout`: {index: value} of those that answered."""
+        asked = {handle.index: (handle, handle.chan.ask(kind, *args))
+                 for handle in self._live() if handle.serving}
+        if not asked:
+            return {}
+        await asyncio.wait([future for _, future in asked.values()], timeout=timeout)
+        out = {}
+        for index, (handle, future) in asked.items():
+            if not future.done():
+                future.cancel()
+                if handle.proc.poll() is None and not handle.chan.closed:
+                    log.warning("worker %d (pid %d) did not answer %r within %.1f s",
+                                handle.index, handle.pid, kind, timeout)
+                continue
+            ok, value = future.result()
+            if not ok:
+                if not handle.chan.closed:
+                    log.warning("worker %d (pid %d): %s failed: %s", handle.index,
+                                handle.pid, kind, value)
+                continue
+            out[index] = value
+        return out
+
+    def release(self, run: str | None = None) -> int:
+        """Forward the queries `run` holds in a fault's delay (None: every
+        held query), in every worker; sent after the calls before it, so a
+        settle() after it waits for it too.  Returns 0: the counts come back
+        later, not awaited here."""
+        for handle in self._live():
+            handle.chan.send(("release", 0, run))
+        return 0
+
+    async def refresh(self, parts: tuple[str, ...] = COUNT_PARTS,
+                      timeout: float = ACK_TIMEOUT) -> None:
+        """Gather `parts` of every serving worker's counts into `last`."""
+        got = await self.request("snapshot", parts, timeout=timeout)
+        for index, snap in got.items():
+            self.last.setdefault(index, {}).update(snap)
+
+    def counted(self, part: str) -> list[Any]:
+        """`part` of the last counts of every live worker."""
+        return [snap[part] for index, snap in sorted(self.last.items())
+                if part in snap and self.handles[index] is not None]
+
+    def worker_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for index in range(self.count):
+            handle = self.handles[index]
+            snap = (self.last.get(index) or {}).get("forwarder") or {}
+            stats = snap.get("stats") or {}
+            rows.append({
+                "worker": str(index), "pid": handle.pid if handle else None,
+                "up": bool(handle and handle.ready and handle.proc.poll() is None),
+                "queries": self.retired.queries.get(index, 0)
+                + stats.get("queries_udp", 0) + stats.get("queries_tcp", 0),
+                "restarts": self._restarts[index],
+            })
+        return rows
+
+    def pids(self) -> list[int]:
+        return [h.pid for h in self.handles if h is not None]
