@@ -171,7 +171,7 @@ class Checker:
         self.engines: list[tuple[Engine, object]] = []
         for rule in _RULES:
             engine = Engine()
-            engine.set_rules([rule], time.time() - 1)
+            engine.add_rule("rule:fuzz", rule, time.time() - 1)  # until removed
             self.engines.append((engine, make_forwarder(engine)))
         self.packets = 0
         self.reactions: dict[str, int] = {FORWARD: 0, FORMERR: 0, NOTIMP: 0, DROP: 0}

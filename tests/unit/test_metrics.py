@@ -4,16 +4,22 @@ label cap on their own."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from random import Random
 from typing import Any
 
+import dns.message
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.affected import OTHER, ClientFaults, ClientGroups, ClientLabels, affected_counts
+from proxy.cli import build_parser, load_settings
 from proxy.config import Settings
-from proxy.metrics import make_registry
+from proxy.core.engine import Engine
+from proxy.core.query import QueryView
+from proxy.gameday.runs import GameDay
+from proxy.loader import load_scenario_text
+from proxy.metrics import MetricsView, make_registry
 from proxy.stats import Stats
 
 NOW = 1_700_000_000.0
@@ -51,10 +57,15 @@ class FakeEngine:
         return self._runs
 
 
+def view(engine: Any) -> MetricsView:
+    """A scrape's view of a process that got no queries, with `engine`'s rows."""
+    return MetricsView(stats=Stats(), upstreams=[], inflight=0, counts=engine,
+                       engine_errors=getattr(engine, "errors", 0))
+
+
 def scrape(engine: Any, **settings: Any) -> dict[tuple[str, frozenset], float]:
-    forwarder = SimpleNamespace(stats=Stats(), upstreams=[], inflight=0, engine=engine,
-                                settings=Settings.model_validate(settings))
-    registry = make_registry(forwarder, clock=lambda: NOW)
+    registry = make_registry(lambda: view(engine), Settings.model_validate(settings),
+                             clock=lambda: NOW)
     text = generate_latest(registry).decode()
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
@@ -251,21 +262,6 @@ def test_runs_info_and_active_phase() -> None:
     assert value(m, "dnschaos_run_phase_remaining_seconds", run="r3", scenario="later") is None
 
 
-def test_engine_without_the_game_day_api() -> None:
-    """The engine as it was (one scenario, no per-client tracking): no rows, no errors."""
-    engine = SimpleNamespace(stats=lambda: [
-        {k: v for k, v in rule_row("r-nx", matched=2, injected=2).items()
-         if k not in ("run", "dry_run")}],
-        current_phase=lambda now: (0, "p1", 5.0), scenario="gd")
-    m = scrape(engine)
-    # No run ids: the scenario stands for its one run.
-    assert value(m, "dnschaos_faults_injected_total", run="gd", scenario="gd", phase="p1",
-                 rule="r-nx", fault="nxdomain") == 2
-    assert value(m, "dnschaos_active_phase", scenario="gd", phase="p1") == 1
-    assert samples(m, "dnschaos_client_faults_total") == {}
-    assert samples(m, "dnschaos_affected_clients") == {}
-
-
 def test_settings_defaults_and_validation() -> None:
     s = Settings()
     assert (s.client_groups, s.client_label_cap, s.affected_window) == ({}, 50, 60.0)
@@ -293,16 +289,7 @@ phases:
 
 
 def test_real_engine_rows_become_metrics() -> None:
-    from random import Random
-
-    from proxy.core.engine import Engine
-    from proxy.core.query import QueryView
-    from proxy.loader import load_scenario_text
-
     engine = Engine()
-    if not callable(getattr(engine, "client_stats", None)):
-        pytest.skip("the engine has no client_stats() yet")
-    import dns.message
 
     scenario = load_scenario_text(SCENARIO)
     engine.add_run("live", scenario, NOW - 10, NOW - 10)
@@ -340,22 +327,12 @@ def test_real_engine_rows_become_metrics() -> None:
 def test_ended_runs_series_stay_for_the_retention_then_go() -> None:
     """The engine forgets a run when it ends; /metrics keeps showing its final
     counts, under its run id, for ended_run_retention seconds (clock injected)."""
-    from random import Random
-
-    import dns.message
-
-    from proxy.core.engine import Engine
-    from proxy.core.query import QueryView
-    from proxy.gameday.runs import GameDay
-    from proxy.loader import load_scenario_text
-
     now = [NOW]
     engine = Engine()
     gd = GameDay(engine, clock=lambda: now[0], ended_run_retention=600.0)
     gd.add_scenario(load_scenario_text(SCENARIO))
-    forwarder = SimpleNamespace(stats=Stats(), upstreams=[], inflight=0, engine=engine,
-                                settings=Settings())
-    registry = make_registry(forwarder, clock=lambda: now[0], ended=gd.ended_runs)
+    registry = make_registry(lambda: view(engine), Settings(), clock=lambda: now[0],
+                             ended=gd.ended_runs)
 
     def scrape_now() -> dict[tuple[str, frozenset], float]:
         text = generate_latest(registry).decode()
@@ -398,8 +375,6 @@ def test_ended_runs_series_stay_for_the_retention_then_go() -> None:
 
 
 def test_ended_run_retention_setting_and_flag() -> None:
-    from proxy.cli import build_parser, load_settings
-
     assert Settings().ended_run_retention == 600.0
     assert Settings.model_validate({"ended_run_retention": "2m"}).ended_run_retention == 120.0
     with pytest.raises(ValueError):

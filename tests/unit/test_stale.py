@@ -17,6 +17,7 @@ from proxy.core.model import Scenario
 from proxy.core.query import QueryView
 from proxy.core.stale import StaleStore, worth_recording
 from proxy.core.verdict import Forward, Reply
+from support.engine_plans import load
 
 
 def query(name: str = "www.example.com", qtype: str = "A", *, qid: int = 0x1111,
@@ -111,7 +112,7 @@ def test_only_real_answers_are_recorded(answer: Any, kept: bool) -> None:
 
 def test_last_answer_before_the_rule_is_served() -> None:
     engine = Engine()
-    engine.load(scenario({"type": "stale", "ttl": 30}), 0.0, 0.0)
+    load(engine, scenario({"type": "stale", "ttl": 30}), 0.0, 0.0)
     q = query()
     for now, address in ((1.0, "10.0.0.1"), (2.0, "10.0.0.2")):
         verdict, got = resolve(engine, q, now, upstream(q, address))
@@ -133,7 +134,7 @@ def test_last_answer_before_the_rule_is_served() -> None:
 
 def test_not_applied_to_names_the_rule_does_not_select() -> None:
     engine = Engine()
-    engine.load(scenario("stale"), 0.0, 0.0)
+    load(engine, scenario("stale"), 0.0, 0.0)
     other = query("www.example.org")
     assert engine.on_query(other, 1.0, random.Random(1)) is None  # not even recorded
     assert engine.on_query(other, 61.0, random.Random(1)) is None
@@ -142,18 +143,18 @@ def test_not_applied_to_names_the_rule_does_not_select() -> None:
 
 def test_fallback_when_nothing_was_seen() -> None:
     engine = Engine()
-    engine.load(scenario("stale"), 0.0, 0.0)
+    load(engine, scenario("stale"), 0.0, 0.0)
     verdict = engine.on_query(query("new.example.com"), 61.0, random.Random(1))
     assert dns.message.from_wire(verdict.wire).rcode() == dns.rcode.SERVFAIL
     engine2 = Engine()
-    engine2.load(scenario({"type": "stale", "fallback": "nxdomain"}), 0.0, 0.0)
+    load(engine2, scenario({"type": "stale", "fallback": "nxdomain"}), 0.0, 0.0)
     verdict = engine2.on_query(query("new.example.com"), 61.0, random.Random(1))
     assert dns.message.from_wire(verdict.wire).rcode() == dns.rcode.NXDOMAIN
 
 
 def test_keyed_by_name_and_type() -> None:
     engine = Engine()
-    engine.load(scenario("stale"), 0.0, 0.0)
+    load(engine, scenario("stale"), 0.0, 0.0)
     a, aaaa = query(), query(qtype="AAAA")
     resolve(engine, a, 1.0, upstream(a, "10.0.0.1"))
     resolve(engine, aaaa, 1.0, upstream(aaaa, "2001:db8::7"))
@@ -165,7 +166,7 @@ def test_recording_stops_while_a_last_rule_is_active() -> None:
     # Half the incident's queries pass to the upstream, which now answers
     # 10.0.0.99; the rule must keep serving the answer from before.
     engine = Engine()
-    engine.load(scenario("stale", {"suffix": "example.com", "probability": 0.5}), 0.0, 0.0)
+    load(engine, scenario("stale", {"suffix": "example.com", "probability": 0.5}), 0.0, 0.0)
     q = query()
     resolve(engine, q, 1.0, upstream(q, "10.0.0.1"))
     rng = random.Random(5)
@@ -179,7 +180,7 @@ def test_recording_stops_while_a_last_rule_is_active() -> None:
 
 def test_recording_resumes_after_the_last_rule() -> None:
     engine = Engine()
-    engine.load(Scenario.model_validate({"name": "s", "phases": [
+    load(engine, Scenario.model_validate({"name": "s", "phases": [
         {"name": "incident", "duration": 10,
          "rules": [{"match": {"suffix": "example.com"}, "fault": "stale"}]},
         {"name": "after", "duration": 10},
@@ -194,7 +195,7 @@ def test_recording_resumes_after_the_last_rule() -> None:
 
 def test_stale_with_authority_additional_and_opt() -> None:
     engine = Engine()
-    engine.load(scenario({"type": "stale", "ttl": 7}), 0.0, 0.0)
+    load(engine, scenario({"type": "stale", "ttl": 7}), 0.0, 0.0)
     q = query(edns=True)
     resolve(engine, q, 1.0, upstream(q, "10.0.0.1", "10.0.0.2", extra=True))
     plain = query(qid=77)  # this client sent no EDNS: no OPT for it
@@ -209,7 +210,7 @@ def test_recording_alongside_another_rules_fault() -> None:
     ttl = [{"match": {"suffix": "example.com"}, "fault": {"type": "ttl", "set": 1}}]
     for first in (delay, ttl):
         engine = Engine()
-        engine.load(scenario("stale", first=first), 0.0, 0.0)
+        load(engine, scenario("stale", first=first), 0.0, 0.0)
         q = query()
         verdict, _ = resolve(engine, q, 1.0, upstream(q, "10.0.0.1"))
         assert isinstance(verdict, Forward) and verdict.respond is not None
@@ -218,7 +219,7 @@ def test_recording_alongside_another_rules_fault() -> None:
 
 def test_capacity_is_configurable() -> None:
     engine = Engine(stale_capacity=1)
-    engine.load(scenario("stale"), 0.0, 0.0)
+    load(engine, scenario("stale"), 0.0, 0.0)
     one, two = query("one.example.com"), query("two.example.com")
     resolve(engine, one, 1.0, upstream(one, "10.0.0.1"))
     resolve(engine, two, 2.0, upstream(two, "10.0.0.2"))
@@ -229,7 +230,7 @@ def test_capacity_is_configurable() -> None:
 
 def test_stale_inside_flap() -> None:
     engine = Engine()
-    engine.load(scenario({"type": "flap", "period": 10, "duty": 0.5, "fault": "stale"}), 0.0, 0.0)
+    load(engine, scenario({"type": "flap", "period": 10, "duty": 0.5, "fault": "stale"}), 0.0, 0.0)
     q = query()
     resolve(engine, q, 1.0, upstream(q, "10.0.0.1"))
     assert addresses(resolve(engine, q, 61.0, b"")[1]) == ["10.0.0.1"]
@@ -243,7 +244,7 @@ def test_snapshot_is_taken_when_the_phase_starts() -> None:
     # every: 2 lets one query in two reach the upstream, whose new answer is
     # recorded (snapshot rules do not stop recording) but not served.
     engine = Engine()
-    engine.load(scenario({"type": "stale", "source": "snapshot"},
+    load(engine, scenario({"type": "stale", "source": "snapshot"},
                          {"suffix": "example.com", "every": 2}), 0.0, 0.0)
     q = query()
     resolve(engine, q, 1.0, upstream(q, "10.0.0.1"))
@@ -256,7 +257,7 @@ def test_snapshot_is_taken_when_the_phase_starts() -> None:
 
 def test_snapshot_fallback_for_names_seen_only_after_the_phase_start() -> None:
     engine = Engine()
-    engine.load(scenario({"type": "stale", "source": "snapshot", "fallback": "refused"},
+    load(engine, scenario({"type": "stale", "source": "snapshot", "fallback": "refused"},
                          {"suffix": "example.com", "every": 2}), 0.0, 0.0)
     q = query("late.example.com")
     resolve(engine, q, 61.0, upstream(q, "10.0.0.5"))  # recorded during the phase

@@ -1,33 +1,37 @@
-"""proxy/workers.py without processes: the fan-out engine keeps a replica
-engine in step (and can rebuild one from its replay log), counts from
-several workers merge, forwarder counters sum, messages frame."""
+"""proxy/workers/ without processes: the replicated log keeps a replica
+engine in step (and a snapshot rebuilds one), counts from several workers
+merge, forwarder counters sum, messages frame and replies come back without
+blocking."""
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import random
 import socket
 from types import SimpleNamespace
 
+import dns.message
+from prometheus_client import generate_latest
+
 from proxy.config import Settings
 from proxy.core.engine import Engine
 from proxy.core.model import Rule, Scenario
 from proxy.core.query import QueryView
+from proxy.forwarder import Upstream
+from proxy.metrics import MetricsView, make_registry
 from proxy.stats import Stats
-from proxy.workers import (
-    Channel,
-    FanoutEngine,
+from proxy.workers.ipc import CLOSED, Channel, frame, unframe
+from proxy.workers.merge import (
+    AggregateUpstream,
     combine_forwarder,
     forwarder_snapshot,
-    frame,
     merge_clients,
     merge_stats,
     sum_stats,
     sum_upstreams,
-    unframe,
-    wait_replies,
-    worker_share,
 )
+from proxy.workers.replication import CallLog, Entry, LoggedEngine, Replica, worker_share
 
 NOW = 1_800_000_000.0
 SCENARIO = Scenario.model_validate({"name": "s", "phases": [
@@ -39,30 +43,41 @@ SCENARIO = Scenario.model_validate({"name": "s", "phases": [
 RULE = Rule.model_validate({"name": "r", "match": {"suffix": "db.test"}, "fault": "refused"})
 
 
-class FakePool:
-    """Applies every call to replica engines at once, like ready workers."""
+class Replicas:
+    """Ready workers fed the log at once: each entry goes over a pickle, as
+    over the control channel, to every replica engine."""
 
-    def __init__(self, *replicas: Engine) -> None:
-        self.replicas = list(replicas)
-        self.retired = SimpleNamespace(stats=[], clients=[], forwarder=[])
+    def __init__(self, *engines: Engine) -> None:
+        self.replicas = [Replica(engine, 0, 1) for engine in engines]
         self.calls: list[str] = []
-        self.replay = list
 
-    def call(self, method, args, kwargs, wait=True):
-        self.calls.append(method)
-        for engine in self.replicas:
-            # what goes over the pipe is a pickle: the replica gets copies
-            getattr(engine, method)(*pickle.loads(pickle.dumps(args)),
-                                    **pickle.loads(pickle.dumps(kwargs)))
+    def __call__(self, entry: Entry) -> None:
+        self.calls.append(entry.method)
+        for replica in self.replicas:
+            replica.apply(pickle.loads(pickle.dumps(entry)))
 
-    def gather(self, parts, run=None):
-        return {i: {"stats": e.stats(run), "clients": e.client_stats(run)}
-                for i, e in enumerate(self.replicas)}
+
+class Counted:
+    """WorkerCounts over engines standing for workers (their rows merged)."""
+
+    def __init__(self, local: Engine, *workers: Engine) -> None:
+        self.local, self.workers = local, workers
+
+    def stats(self, run=None):
+        return merge_stats(self.local.stats(run), [e.stats(run) for e in self.workers])
+
+    def client_stats(self, run=None):
+        return merge_clients(self.local, [e.client_stats(run) for e in self.workers], run)
+
+
+def logged(*replicas: Engine, counts: bool = False) -> tuple[LoggedEngine, Replicas]:
+    calls, fed = CallLog(), Replicas(*replicas)
+    calls.subscribe(fed)
+    local = Engine()
+    return LoggedEngine(local, calls, Counted(local, *replicas) if counts else None), fed
 
 
 def query(name: str, client: str = "127.0.0.1") -> QueryView:
-    import dns.message
-
     return QueryView.parse(dns.message.make_query(name, "A").to_wire(), client, "udp", "l")
 
 
@@ -81,7 +96,7 @@ def test_models_and_settings_pickle() -> None:
 
 def test_every_mutation_reaches_the_replicas_in_step() -> None:
     replica = Engine()
-    fan = FanoutEngine(Engine(), FakePool(replica))
+    fan, fed = logged(replica)
     fan.add_run("run1", SCENARIO, NOW, NOW, max_duration=100)
     fan.add_rule("rule:r", RULE, NOW, NOW + 50)
     assert fan.active and replica.active
@@ -102,23 +117,30 @@ def test_every_mutation_reaches_the_replicas_in_step() -> None:
     assert replica.active
     assert fan.reset(NOW + 70) == ["rule:q"]
     assert not replica.active and replica.get_run("rule:q").ended == "reset"
-    assert fan.pool.calls == ["add_run", "add_rule", "pause", "resume", "tick", "tick", "forget",
-                              "add_rule", "reset"]
+    assert fed.calls == ["add_run", "add_rule", "pause", "resume", "tick", "tick", "forget",
+                         "add_rule", "reset"]
+    assert fan.log.seq == 9 and fed.replicas[0].applied == 9
 
 
 def test_a_failed_local_call_is_not_sent() -> None:
-    pool = FakePool(Engine())
-    fan = FanoutEngine(Engine(), pool)
+    fan, fed = logged(Engine())
     fan.add_rule("rule:r", RULE, NOW)
     try:
         fan.add_rule("rule:r", RULE, NOW)
     except ValueError:
         pass
-    assert pool.calls == ["add_rule"]
+    assert fed.calls == ["add_rule"] and fan.log.seq == 1
+
+
+def restored(fan: LoggedEngine) -> Engine:
+    """A new worker's engine, from the log's snapshot (sent as a pickle)."""
+    fresh = Engine()
+    Replica(fresh, 0, 1).restore(pickle.loads(pickle.dumps(fan.log.snapshot())))
+    return fresh
 
 
 def test_replay_rebuilds_the_state_of_a_new_worker() -> None:
-    fan = FanoutEngine(Engine(), FakePool())
+    fan, _ = logged()
     fan.add_run("gone", SCENARIO, NOW, NOW)
     fan.add_run("run1", SCENARIO, NOW, NOW)
     fan.add_rule("rule:r", RULE, NOW)
@@ -128,9 +150,7 @@ def test_replay_rebuilds_the_state_of_a_new_worker() -> None:
     fan.forget("gone")
     fan.add_run("paused", SCENARIO, NOW, NOW)
     fan.pause("paused", NOW + 1)
-    fresh = Engine()
-    for method, args, kwargs in pickle.loads(pickle.dumps(fan.replay_calls())):
-        getattr(fresh, method)(*args, **kwargs)
+    fresh = restored(fan)
     assert fresh.run_ids() == fan.local.run_ids() == ["rule:r", "run1", "paused"]
     assert fresh.runs_info(NOW + 8) == fan.local.runs_info(NOW + 8)
     assert fresh.get_run("run1").shift == 3
@@ -138,20 +158,40 @@ def test_replay_rebuilds_the_state_of_a_new_worker() -> None:
         for name in ("www.example.test", "x.db.test", "other.test"):
             assert verdicts(fresh, name, t) == verdicts(fan.local, name, t)
     fan.reset(NOW + 9)
-    fresh = Engine()
-    for method, args, kwargs in fan.replay_calls():
-        getattr(fresh, method)(*args, **kwargs)
+    fresh = restored(fan)
     fresh.tick(NOW + 30)  # the local engine saw run1 complete at a query at NOW + 30
     assert not fresh.active
     assert {r["run"]: r["state"] for r in fresh.runs_info(NOW + 30)} == {
         r["run"]: r["state"] for r in fan.local.runs_info(NOW + 30)}
-    fan.clear()
-    assert fan.replay_calls() == []
+    for run_id in fan.run_ids():
+        fan.forget(run_id)
+    assert fan.log.snapshot() == (fan.log.seq, [])
+
+
+def test_a_worker_joining_late_skips_what_its_snapshot_holds() -> None:
+    """Entries already in the snapshot are not applied twice; later ones are,
+    in order, so snapshot + the rest == the whole log from the start."""
+    fan, _ = logged()
+    fan.add_run("run1", SCENARIO, NOW, NOW)
+    fan.pause("run1", NOW + 2)
+    seq, entries = fan.log.snapshot()
+    late = Engine()
+    replica = Replica(late, 0, 1)
+    replica.restore((seq, entries))
+    assert replica.applied == seq == 2
+    everything: list[Entry] = []
+    fan.log.subscribe(everything.append)
+    fan.resume("run1", NOW + 5)
+    fan.add_rule("rule:r", RULE, NOW + 6)
+    for entry in [Entry(1, "add_run", ("run1", SCENARIO, NOW, NOW), {})] + everything:
+        replica.apply(entry)  # the first is old news: skipped
+    assert replica.applied == 4 and late.get_run("run1").shift == 3
+    assert late.runs_info(NOW + 8) == fan.local.runs_info(NOW + 8)
 
 
 def test_stats_and_clients_merge_over_workers() -> None:
     workers = [Engine(), Engine()]
-    fan = FanoutEngine(Engine(), FakePool(*workers))
+    fan, _ = logged(*workers, counts=True)
     fan.add_run("run1", SCENARIO, NOW, NOW)
     rng = random.Random(1)
     for i in range(3):
@@ -189,8 +229,6 @@ def test_forwarder_counters_sum() -> None:
     settings = Settings(upstreams=["127.0.0.1:53", "127.0.0.2:53"])
 
     def fake(queries: int, up: bool) -> SimpleNamespace:
-        from proxy.forwarder import Upstream
-
         stats = Stats()
         stats.queries_udp, stats.queries_tcp, stats.answers = queries, 1, queries
         stats.qtypes[1] = queries
@@ -224,18 +262,12 @@ def test_forwarder_counters_sum() -> None:
 
 
 def test_the_collector_reads_a_snapshot() -> None:
-    from prometheus_client import generate_latest
-
-    from proxy.metrics import make_registry
-    from proxy.workers import Aggregate, AggregateUpstream, _MergedEngine
-
     stats = Stats()
     stats.queries_udp = 9
-    engine = _MergedEngine(Engine(), [], [])
-    aggregate = Aggregate(stats, [AggregateUpstream("u:53")], 0, engine, Settings(),
-                          [{"worker": "0", "queries": 4, "restarts": 0},
-                           {"worker": "1", "queries": 5, "restarts": 2}])
-    registry = make_registry(SimpleNamespace(metrics_snapshot=lambda: aggregate))
+    view = MetricsView(stats, [AggregateUpstream("u:53")], 0, Engine(), 0,
+                       [{"worker": "0", "queries": 4, "restarts": 0},
+                        {"worker": "1", "queries": 5, "restarts": 2}])
+    registry = make_registry(lambda: view, Settings())
     text = generate_latest(registry).decode()
     assert 'dnschaos_queries_total{transport="udp"} 9.0' in text
     assert 'dnschaos_worker_queries_total{worker="1"} 5.0' in text
@@ -243,22 +275,27 @@ def test_the_collector_reads_a_snapshot() -> None:
     assert 'dnschaos_upstream_up{upstream="u:53"} 0.0' in text
 
 
-def test_frames_and_channel_replies() -> None:
+async def test_frames_and_channel_replies() -> None:
     buffer = bytearray(frame(("a", 1)) + frame(("b", [2])) + frame(("c", 3))[:5])
     assert unframe(buffer) == [("a", 1), ("b", [2])]
     assert len(buffer) == 5
     ours, theirs = socket.socketpair()
-    chan = Channel(ours)
+    events: list[tuple] = []
+    chan = Channel(ours, on_event=events.append)
+    chan.attach(asyncio.get_running_loop())
     try:
-        chan.awaiting.update({1, 2})
+        one, two = chan.ask("snapshot", ()), chan.ask("snapshot", ())
         theirs.sendall(frame(("reply", 1, True, "x")) + frame(("reply", 99, True, "late"))
                        + frame(("ready", {})))
-        got = wait_replies([(chan, 1), (chan, 2)], 0.2)
-        assert got == {1: (True, "x")}  # 2 never came: timed out, not blocked
-        assert chan.events == [("ready", {})] and chan.replies == {} and not chan.awaiting
+        done, pending = await asyncio.wait([one, two], timeout=0.2)
+        assert done == {one} and one.result() == (True, "x")  # 2 never came: not blocked
+        assert events == [("ready", {})]
+        asked = unframe(bytearray(theirs.recv(1 << 16)))
+        assert asked == [("snapshot", 1, ()), ("snapshot", 2, ())]
         theirs.close()
-        chan.pump()
-        assert chan.closed
+        await asyncio.wait_for(two, 1.0)  # the channel closed: the waiting request ends
+        assert two.result() == CLOSED and chan.closed
+        assert chan.ask("snapshot", ()).result() == CLOSED
     finally:
         chan.close()
         theirs.close()
