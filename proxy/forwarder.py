@@ -53,10 +53,12 @@ import os
 import random
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from proxy.config import Settings, split_hostport
 from proxy.core import wire
+from proxy.core.engine import Engine
 from proxy.core.query import QueryView
 from proxy.core.replies import header_reply, rcode_reply
 from proxy.core.verdict import Drop, Forward, Reply
@@ -77,9 +79,6 @@ HINFO = 13
 CLIENT_ID, ADDR, REPLY_TO, TCP, QUESTION, QUERY, ORDER, TRIES, SENT, RESPOND, VIEW, START = (
     range(12)
 )
-
-# Monotonic, with sub-millisecond resolution (uvloop's loop.time() counts whole ms).
-_clock = time.monotonic
 
 _QR_BIT = wire.QR
 _TC_BIT = wire.TC
@@ -117,6 +116,7 @@ class UpstreamSocket(asyncio.DatagramProtocol):
         self.forwarder = forwarder
         self.upstream = upstream
         self.stats = forwarder.stats
+        self.clock = forwarder.clock
         self.pending: dict[bytes, list] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.sent = 0
@@ -145,12 +145,12 @@ class UpstreamSocket(asyncio.DatagramProtocol):
         del pending[txid]
         self.replies += 1
         upstream = self.upstream
-        now = _clock()
+        now = self.clock()
         upstream.stats.latency.observe(now - entry[SENT])
         if upstream.fails:
             self.forwarder.mark_alive(upstream)
         if (entry[TCP] and data[2] & _TC_BIT) or entry[RESPOND] is not None:
-            self.forwarder.answer_slowly(entry, data, upstream)
+            self.forwarder.retry_tcp_or_apply_fault(entry, data, upstream)
             return
         stats = self.stats
         stats.answers += 1
@@ -177,10 +177,15 @@ def _same_question(data: bytes, question: bytes) -> bool:
 class Forwarder:
     """Takes queries from the frontends and carries them to the upstreams."""
 
-    def __init__(self, settings: Settings, engine: Any, stats: Stats | None = None,
-                 rng: random.Random | None = None, loop_token: str | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, stats: Stats | None = None,
+                 rng: random.Random | None = None, loop_token: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """clock: seconds for timeouts, latencies and upstream health;
+        monotonic with sub-millisecond resolution (uvloop's loop.time()
+        counts whole ms).  Fault times come from time.time() (wall clock)."""
         self.settings = settings
         self.engine = engine
+        self.clock = clock
         self.stats = stats or Stats()
         self.rng = rng or random.Random(int.from_bytes(os.urandom(8), "big"))
         self.upstreams = [
@@ -290,7 +295,7 @@ class Forwarder:
     def _send_attempt(self, entry: list) -> None:
         order = entry[ORDER]
         tries = entry[TRIES]
-        entry[SENT] = now = _clock()
+        entry[SENT] = now = self.clock()
         if not tries:
             entry[START] = now
         upstream = order[tries % len(order)]
@@ -321,7 +326,7 @@ class Forwarder:
         sock.sent += 1
         sock.transport.sendto(txid + entry[QUERY][2:])  # type: ignore[union-attr]
 
-    def answer_slowly(self, entry: list, data: bytes, upstream: Upstream) -> None:
+    def retry_tcp_or_apply_fault(self, entry: list, data: bytes, upstream: Upstream) -> None:
         """A valid reply that needs more than relaying: a truncated answer
         for a TCP client, or an answer a fault acts on."""
         if entry[TCP] and data[2] & _TC_BIT:
@@ -345,7 +350,7 @@ class Forwarder:
                 return
         self.stats.answers += 1
         self.stats.rcodes[reply[3] & 15] += 1
-        self.stats.latency.observe(_clock() - entry[START])
+        self.stats.latency.observe(self.clock() - entry[START])
         entry[REPLY_TO].sendto(reply, entry[ADDR])
 
     def _servfail(self, entry: list) -> None:
@@ -360,7 +365,7 @@ class Forwarder:
     # --- timeouts and health ------------------------------------------------
 
     def _sweep(self) -> None:
-        now = _clock()
+        now = self.clock()
         sent_before = now - self.attempt_timeout
         for sock in self.sockets:
             pending = sock.pending
@@ -406,7 +411,7 @@ class Forwarder:
         upstream.stats.errors += 1
         upstream.fails += 1
         if upstream.up:
-            upstream.down_until = _clock() + self.settings.down_time
+            upstream.down_until = self.clock() + self.settings.down_time
             log.warning("upstream %s unreachable (%s): marked down", upstream.name,
                         exc.strerror or exc)
             self._recompute_orders()
@@ -456,7 +461,7 @@ class Forwarder:
         self.probe_loops()
 
     def probe_loops(self) -> None:
-        now = _clock()
+        now = self.clock()
         self._last_probe = now
         self._next_probe = now + PROBE_INTERVAL
         for index, upstream in enumerate(self.upstreams):
@@ -531,7 +536,7 @@ class Forwarder:
         try:
             reply = await asyncio.wait_for(
                 tcp_exchange(upstream.addr, entry[QUERY], entry[QUESTION]),
-                max(0.05, self.settings.deadline - (_clock() - entry[START])),
+                max(0.05, self.settings.deadline - (self.clock() - entry[START])),
             )
         except (OSError, asyncio.TimeoutError, DnschaosError) as exc:
             log.info("TCP retry to %s failed: %s", upstream.name, exc or type(exc).__name__)
