@@ -41,9 +41,20 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from hardening import (  # noqa: E402
-    CLIENT, CORPUS, DROP, FORMERR, FORWARD, LISTENER, NOTIMP, FakeClient, answer_of,
-    expected_reaction, make_forwarder, sent_upstream,
+    CLIENT,
+    CORPUS,
+    DROP,
+    FORMERR,
+    FORWARD,
+    LISTENER,
+    NOTIMP,
+    FakeClient,
+    answer_of,
+    expected_reaction,
+    make_forwarder,
+    sent_upstream,
 )
+
 from proxy.core.engine import Engine  # noqa: E402
 from proxy.core.model import Rule  # noqa: E402
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 OTHER = "other"
 """The label value of clients past the cap (and of the engine's own overflow)."""

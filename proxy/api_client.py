@@ -73,8 +73,9 @@ def table(rows: list[dict[str, Any]], columns: list[str], headers: list[str] | N
     headers = headers or [c.upper() for c in columns]
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)).rstrip()
+              for r in cells]
     return "\n".join(lines)
 
 

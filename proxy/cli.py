@@ -40,13 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
                "DNSCHAOS_LOG_LEVEL, DNSCHAOS_ADMIN_TOKEN, DNSCHAOS_SCENARIO, "
                "DNSCHAOS_TIME_SCALE; lists comma-separated), the config file, the default.")
     run.add_argument("--config",
-                     help="YAML file with the same options as these flags (default $DNSCHAOS_CONFIG)")
+                     help="YAML file with the same options as these flags "
+                          "(default $DNSCHAOS_CONFIG)")
     run.add_argument("--listen", action="append",
-                     help=f"address to answer on, UDP and TCP (repeatable; default {DEFAULT_LISTEN})")
+                     help=f"address to answer on, UDP and TCP "
+                          f"(repeatable; default {DEFAULT_LISTEN})")
     run.add_argument("--upstream", action="append", dest="upstreams", metavar="HOST[:PORT]",
                      help="resolver to forward to (repeatable; default: /etc/resolv.conf)")
     run.add_argument("--admin", metavar="HOST:PORT",
-                     help=f"HTTP listener for /metrics and /health (default {DEFAULT_ADMIN}; 'off')")
+                     help=f"HTTP listener for /metrics and /health "
+                          f"(default {DEFAULT_ADMIN}; 'off')")
     run.add_argument("--allow", action="append", metavar="CIDR",
                      help="client network allowed to query (repeatable; default loopback only)")
     run.add_argument("--policy", choices=["sequential", "round_robin", "random"])
@@ -84,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("schema", help="print the JSON Schema of scenario files")
 
     demo = commands.add_parser("demo", help="watch a fault happen, offline")
-    demo.add_argument("--interval", type=float, default=0.7, help="seconds between rounds of queries")
+    demo.add_argument("--interval", type=float, default=0.7,
+                      help="seconds between rounds of queries")
 
     add_client_commands(commands)
     return parser

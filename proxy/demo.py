@@ -88,7 +88,7 @@ async def _ask(port: int, name: str) -> str:
     try:
         transport.sendto(query.pack())
         data = await asyncio.wait_for(answer, 2.0)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return "no answer (timeout)"
     finally:
         transport.close()

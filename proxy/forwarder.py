@@ -335,11 +335,13 @@ class Forwarder:
             return
         self._deliver(entry, entry[CLIENT_ID] + data[2:])
 
-    def _deliver(self, entry: list, reply: bytes | None) -> None:
+    def _deliver(self, entry: list, answer: bytes) -> None:
         respond = entry[RESPOND]
         if respond is not None:
+            reply: bytes | None = answer
             try:
-                reply = self.engine.on_response(entry[VIEW], respond, reply, time.time(), self.rng)
+                reply = self.engine.on_response(entry[VIEW], respond, answer, time.time(),
+                                                self.rng)
             except Exception:  # a bug in a fault must not lose the answer
                 log.exception("fault engine failed on a response; passing it through")
                 self.stats.engine_errors += 1
@@ -348,10 +350,11 @@ class Forwarder:
                 if entry[TCP]:
                     entry[REPLY_TO].no_reply()
                 return
+            answer = reply
         self.stats.answers += 1
-        self.stats.rcodes[reply[3] & 15] += 1
+        self.stats.rcodes[answer[3] & 15] += 1
         self.stats.latency.observe(self.clock() - entry[START])
-        entry[REPLY_TO].sendto(reply, entry[ADDR])
+        entry[REPLY_TO].sendto(answer, entry[ADDR])
 
     def _servfail(self, entry: list) -> None:
         query = entry[QUERY]
@@ -413,7 +416,7 @@ class Forwarder:
         if upstream.up:
             upstream.down_until = self.clock() + self.settings.down_time
             log.warning("upstream %s unreachable (%s): marked down", upstream.name,
-                        exc.strerror or exc)
+                        (exc.strerror if isinstance(exc, OSError) else None) or exc)
             self._recompute_orders()
         waiting = list(sock.pending.values())
         sock.pending.clear()
@@ -538,7 +541,7 @@ class Forwarder:
                 tcp_exchange(upstream.addr, entry[QUERY], entry[QUESTION]),
                 max(0.05, self.settings.deadline - (self.clock() - entry[START])),
             )
-        except (OSError, asyncio.TimeoutError, DnschaosError) as exc:
+        except (TimeoutError, OSError, DnschaosError) as exc:
             log.info("TCP retry to %s failed: %s", upstream.name, exc or type(exc).__name__)
             upstream.stats.errors += 1
             self.stats.tcp_upstream_errors += 1
@@ -566,18 +569,18 @@ class Forwarder:
         if verdict is None:
             self.forward(data, qend, addr, reply_to, tcp, None, None)
             return
-        kind = type(verdict)
         released = (data, qend, addr, reply_to, tcp, None, None)  # forwarded unfaulted
-        if kind is Forward:
+        if type(verdict) is Forward:
             respond = verdict if verdict.respond is not None else None
-            args = (data, qend, addr, reply_to, tcp, respond, view)
             if verdict.delay > 0:
-                self._later(verdict.delay, self.forward, args, released, verdict.run)
+                self._later(verdict.delay, self.forward,
+                            (data, qend, addr, reply_to, tcp, respond, view), released,
+                            verdict.run)
             else:
-                self.forward(*args)
+                self.forward(data, qend, addr, reply_to, tcp, respond, view)
             return
         self.stats.faulted += 1
-        if kind is Reply:
+        if type(verdict) is Reply:
             self.stats.rcodes[verdict.wire[3] & 15 if len(verdict.wire) > 3 else 0] += 1
             self.stats.latency.observe(verdict.delay)
             if verdict.delay > 0:
@@ -585,7 +588,7 @@ class Forwarder:
                             verdict.run)
             else:
                 reply_to.sendto(verdict.wire, addr)
-        elif kind is Drop and tcp:
+        elif type(verdict) is Drop and tcp:
             if verdict.close_tcp:
                 # Held until the close: the query stays outstanding on its
                 # connection until then, and a release answers it instead.

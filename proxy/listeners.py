@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+from functools import partial
 
 from proxy.config import DNS_PORT, format_hostport, split_hostport
 from proxy.errors import ListenError
@@ -44,18 +45,16 @@ class Listeners:
             proto = "tcp"
             try:
                 tcp = await loop.create_server(
-                    lambda cell=cell: TcpConnection(self.forwarder, cell[0], self.connections),
-                    host, port, family=family,
-                    **({"reuse_port": True} if reuse_port else {"reuse_address": True}))
+                    partial(self._tcp_connection, cell), host, port, family=family,
+                    reuse_address=True, reuse_port=reuse_port or None)
                 self._tcp.append(tcp)
                 port = tcp.sockets[0].getsockname()[1]
                 address = format_hostport(host, port)
                 cell.append(address)
                 proto = "udp"
                 udp, frontend = await loop.create_datagram_endpoint(
-                    lambda address=address: UdpFrontend(self.forwarder, address),
-                    local_addr=(host, port), family=family,
-                    **({"reuse_port": True} if reuse_port else {}))
+                    partial(UdpFrontend, self.forwarder, address), local_addr=(host, port),
+                    family=family, reuse_port=reuse_port or None)
             except OSError as exc:
                 self.close()
                 raise ListenError.from_os_error(text, proto, exc, "--listen") from None
@@ -64,11 +63,14 @@ class Listeners:
             self.addresses.append(address)
         return self.addresses
 
+    def _tcp_connection(self, cell: list[str]) -> TcpConnection:
+        return TcpConnection(self.forwarder, cell[0], self.connections)
+
     async def drain(self, limit: float) -> None:
         """Stop taking queries and wait up to `limit` seconds for the ones in
         flight to be answered (the UDP sockets stay open for their answers)."""
         for frontend in self._frontends:
-            frontend.handle = _ignore  # type: ignore[method-assign]
+            frontend.handle = _ignore  # type: ignore[method-assign,assignment]
         for tcp in self._tcp:
             tcp.close()
         loop = asyncio.get_running_loop()

@@ -132,7 +132,8 @@ class ForwarderCollector(Collector):
         yield queries
 
         types = CounterMetricFamily(
-            "dnschaos_query_types", "Queries received, by query type (common types; the rest 'other').",
+            "dnschaos_query_types",
+            "Queries received, by query type (common types; the rest 'other').",
             labels=["qtype"])
         counted = 0
         for number, name in COMMON_QTYPES.items():
@@ -195,7 +196,8 @@ class ForwarderCollector(Collector):
         yield _counter("dnschaos_tcp_connections_rejected",
                        "Client TCP connections refused at the connection cap.", s.tcp_rejected)
         closed = CounterMetricFamily(
-            "dnschaos_tcp_connections_closed", "Client TCP connections the proxy closed, by reason.",
+            "dnschaos_tcp_connections_closed",
+            "Client TCP connections the proxy closed, by reason.",
             labels=["reason"])
         closed.add_metric(["idle"], s.tcp_idle_closed)
         closed.add_metric(["evicted"], s.tcp_evicted)
@@ -205,7 +207,8 @@ class ForwarderCollector(Collector):
                        "did not read its answers.", s.tcp_paused)
 
         per_upstream = {
-            "timeouts": ("dnschaos_upstream_timeouts", "Attempts the upstream did not answer in time."),
+            "timeouts": ("dnschaos_upstream_timeouts",
+                         "Attempts the upstream did not answer in time."),
             "tcp_requests": ("dnschaos_upstream_tcp_requests", "Queries retried over TCP."),
             "errors": ("dnschaos_upstream_errors",
                        "Socket errors talking to the upstream (ICMP unreachable, TCP failures)."),
@@ -276,8 +279,8 @@ class ForwarderCollector(Collector):
             matched.add_metric(key, row["matched"])
             injected.add_metric(key, row["injected"])
             errors.add_metric(key, row.get("errors", 0))
-        for key, count in sorted(dry_totals.items()):
-            dry.add_metric(list(key), count)
+        for triple, count in sorted(dry_totals.items()):
+            dry.add_metric(list(triple), count)
         yield matched
         yield injected
         yield errors
@@ -318,8 +321,8 @@ class ForwarderCollector(Collector):
             "dnschaos_client_faults",
             "Faults received per client (group name from client_groups, else the address; "
             "past client_label_cap: 'other').", labels=["client", "run", "scenario", "fault"])
-        for key, count in sorted(self.client_faults.counts(rows).items()):
-            faults.add_metric(list(key), count)
+        for labels, count in sorted(self.client_faults.counts(rows).items()):
+            faults.add_metric(list(labels), count)
         yield faults
 
     def _run_metrics(self, engine: CountsSource, ended: list[Any],

@@ -13,7 +13,6 @@ import asyncio
 import gc
 import logging
 import signal
-
 from collections.abc import Callable
 from typing import Any
 

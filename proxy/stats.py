@@ -43,6 +43,31 @@ class Stats:
         "faulted", "fault_dropped", "engine_errors", "tcp_connections", "tcp_rejected",
         "tcp_idle_closed", "tcp_evicted", "tcp_paused", "qtypes", "rcodes", "latency",
     )
+    queries_udp: int
+    queries_tcp: int
+    answers: int
+    refused: int
+    malformed: int
+    formerr: int
+    notimp: int
+    servfail_deadline: int
+    servfail_overload: int
+    truncated_retries: int
+    tcp_upstream_errors: int
+    unmatched_replies: int
+    mismatched_replies: int
+    servfail_sent: int
+    faulted: int
+    fault_dropped: int
+    engine_errors: int
+    tcp_connections: int
+    tcp_rejected: int
+    tcp_idle_closed: int
+    tcp_evicted: int
+    tcp_paused: int
+    qtypes: list[int]
+    rcodes: list[int]
+    latency: Histogram
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -56,6 +81,11 @@ class UpstreamStats:
     """Counters of one upstream."""
 
     __slots__ = ("timeouts", "tcp_requests", "errors", "loops", "latency")
+    timeouts: int
+    tcp_requests: int
+    errors: int
+    loops: int
+    latency: Histogram
 
     def __init__(self) -> None:
         for name in self.__slots__:

@@ -12,8 +12,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
@@ -71,7 +72,7 @@ async def check(probe: Probe) -> tuple[bool, str]:
     """One check: (passed, what was seen)."""
     try:
         return await asyncio.wait_for(_check(probe), probe.timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False, f"no result within {probe.timeout:g}s"
     except Exception as exc:  # noqa: BLE001 - any failure is a failed check
         return False, f"{type(exc).__name__}: {exc}"
@@ -114,7 +115,7 @@ async def _check(probe: Probe) -> tuple[bool, str]:
 
 def _prometheus_values(body: Any) -> list[float]:
     data = body.get("data", {}) if isinstance(body, dict) else {}
-    kind, result = data.get("resultType"), data.get("result")
+    kind, result = data.get("resultType"), data.get("result") or []
     if kind == "scalar":
         return [float(result[1])]
     if kind == "vector":

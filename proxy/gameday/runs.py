@@ -23,9 +23,11 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from functools import partial
+from datetime import UTC, datetime
+from typing import Any
 
 from proxy.core.engine import ENDED, Engine
 from proxy.core.model import Rule, Scenario
@@ -127,7 +129,7 @@ class GameDay:
     def __init__(self, engine: Engine, *, max_run_duration: float = 4 * 3600.0,
                  catalog: Catalog | None = None, report_dir: str | None = None,
                  clock: Callable[[], float] = time.time,
-                 release: Callable[[str | None], int] = lambda run=None: 0,
+                 release: Callable[[str | None], int] = lambda run: 0,
                  checker: Checker = check, ended_run_retention: float = 600.0,
                  before_tick: Callable[[float], Awaitable[None]] | None = None) -> None:
         """before_tick(now): awaited by the background loop before each tick
@@ -248,7 +250,7 @@ class GameDay:
         return record
 
     def _new_id(self, name: str, start: float) -> str:
-        stamp = datetime.fromtimestamp(start, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.fromtimestamp(start, UTC).strftime("%Y%m%dT%H%M%SZ")
         base = f"{name}-{stamp}"
         run_id, n = base, 1
         while run_id in self.runs or run_id in self.reports or self.engine.get_run(run_id):
@@ -438,7 +440,7 @@ class GameDay:
                      info[2])  # type: ignore[index]
         if record.probes is None and record.scenario.probes and now >= record.started_at:
             record.probes = ProbeMonitor(record.scenario.probes,
-                                         lambda why, rid=record.id: self._abort_soon(rid, why),
+                                         partial(self._abort_soon, record.id),
                                          self.checker, self.clock)
             try:
                 record.probes.start()

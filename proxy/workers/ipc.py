@@ -17,7 +17,9 @@ import asyncio
 import pickle
 import socket
 import struct
-from typing import Any, Callable
+from functools import partial
+from collections.abc import Callable
+from typing import Any
 
 HEADER = struct.Struct("!I")
 
@@ -89,9 +91,12 @@ class Channel:
             return future
         self._seq += 1
         self._waiting[self._seq] = future
-        future.add_done_callback(lambda _, seq=self._seq: self._waiting.pop(seq, None))
+        future.add_done_callback(partial(self._forget, self._seq))
         self.send((kind, self._seq, *args))
         return future
+
+    def _forget(self, seq: int, _: object) -> None:
+        self._waiting.pop(seq, None)
 
     def flush(self) -> None:
         while self.out and not self.closed:

@@ -104,7 +104,7 @@ def combine_forwarder(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
             for key in ("sent", "replies", *UPSTREAM_FIELDS):
                 mine[key] += row[key]
             counts, seconds = mine["latency"]
-            mine["latency"] = ([a + b for a, b in zip(counts, row["latency"][0])],
+            mine["latency"] = ([a + b for a, b in zip(counts, row["latency"][0], strict=False)],
                                seconds + row["latency"][1])
     return {"stats": {name: getattr(total, name) for name in STAT_FIELDS}, "qtypes": qtypes,
             "rcodes": list(total.rcodes),

@@ -16,9 +16,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from proxy.config import DNS_PORT, Settings, format_hostport
 from proxy.errors import DnschaosError, ListenError
@@ -131,7 +132,7 @@ class WorkerPool:
         out = []
         text, kind = "", socket.SOCK_STREAM
         try:
-            for text, (host, port) in zip(self.settings.listen, probed):
+            for text, (host, port) in zip(self.settings.listen, probed, strict=True):  # noqa: B007
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
                 for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
                     sock = reuse_socket(family, kind)
@@ -342,7 +343,7 @@ class WorkerPool:
                 return
             try:
                 await asyncio.wait_for(self._progress.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def request(self, kind: str, *args: Any,
@@ -406,6 +407,3 @@ class WorkerPool:
                 "restarts": self._restarts[index],
             })
         return rows
-
-    def pids(self) -> list[int]:
-        return [h.pid for h in self.handles if h is not None]

@@ -27,8 +27,9 @@ Theory of operation:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -238,7 +239,7 @@ def worker_share(value: Any, index: int, count: int) -> Any:
     less of the traffic may use less than its share."""
     if isinstance(value, list):
         shared = [worker_share(item, index, count) for item in value]
-        return value if all(a is b for a, b in zip(shared, value)) else shared
+        return value if all(a is b for a, b in zip(shared, value, strict=True)) else shared
     if not isinstance(value, BaseModel) or count <= 1:
         return value
     update = {}

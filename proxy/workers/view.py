@@ -15,8 +15,13 @@ from typing import Any
 from proxy.config import Settings
 from proxy.core.engine import Engine
 from proxy.metrics import MetricsView
-from proxy.workers.merge import AggregateUpstream, merge_clients, merge_stats, sum_stats, \
-    sum_upstreams
+from proxy.workers.merge import (
+    AggregateUpstream,
+    merge_clients,
+    merge_stats,
+    sum_stats,
+    sum_upstreams,
+)
 from proxy.workers.pool import ACK_TIMEOUT, COUNT_PARTS, WorkerPool
 
 

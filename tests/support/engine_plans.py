@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from proxy.core.engine import ADHOC, Engine
+from proxy.core.engine import ADHOC, Engine, Run
 from proxy.core.model import Rule, Scenario
 
 
@@ -48,7 +48,7 @@ def current_phase(engine: Engine, now: float) -> tuple[int, str, float] | None:
     return None
 
 
-def first_run(engine: Engine):  # noqa: ANN201 - a Run or None
+def first_run(engine: Engine) -> Run | None:
     ids = engine.run_ids()
     live = [i for i in ids if engine.get_run(i).live]  # type: ignore[union-attr]
     return engine.get_run((live or ids)[0]) if ids else None
