@@ -16,8 +16,8 @@ from proxy import __version__
 from proxy.api_client import add_client_commands, run_client
 from proxy.config import DEFAULT_ADMIN, DEFAULT_LISTEN, Settings
 from proxy.core.engine import Engine
-from proxy.core.model import parse_duration
 from proxy.core.schedule import parse_time
+from proxy.core.spec import parse_duration
 from proxy.demo import run_demo
 from proxy.errors import DnschaosError, InvalidFile
 from proxy.loader import load_model, load_scenario, main_schema, main_validate

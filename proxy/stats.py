@@ -27,7 +27,7 @@ class Histogram:
     def cumulative(self) -> list[tuple[str, int]]:
         """(upper bound, count of observations at or below it), as Prometheus wants."""
         out, running = [], 0
-        for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.counts):
+        for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.counts, strict=True):
             running += count
             out.append((bound, running))
         return out

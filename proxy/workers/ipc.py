@@ -17,8 +17,8 @@ import asyncio
 import pickle
 import socket
 import struct
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 HEADER = struct.Struct("!I")

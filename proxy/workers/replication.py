@@ -33,8 +33,9 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from proxy.core.engine import Engine, Run
+from proxy.core.engine import Engine
 from proxy.core.model import Limit, Match, Rule, Scenario
+from proxy.core.plan import Run
 
 MUTATIONS = ("add_run", "add_rule", "stop_run", "pause", "resume", "forget", "reset", "tick")
 """The engine calls the log carries."""

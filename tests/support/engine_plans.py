@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import math
 
-from proxy.core.engine import ADHOC, Engine, Run
+from proxy.core.engine import ADHOC, Engine
 from proxy.core.model import Rule, Scenario
+from proxy.core.plan import Run
 
 
 def clear(engine: Engine) -> None:

@@ -10,12 +10,12 @@ import dns.message
 import dns.rcode
 import pytest
 from dnslib import RR, DNSRecord
-from support.engine_plans import clear, current_phase, ends_at, load, scenario_of, set_rules
 
 from proxy.core.engine import Engine
 from proxy.core.model import Rule, Scenario
 from proxy.core.query import QueryView
 from proxy.core.verdict import Drop, Forward, Reply
+from support.engine_plans import clear, current_phase, ends_at, load, scenario_of, set_rules
 
 
 def query(name: str = "www.example.com", qtype: str = "A", *, client: str = "192.0.2.10",

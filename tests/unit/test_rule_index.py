@@ -107,13 +107,13 @@ def test_ten_thousand_name_rules_give_one_candidate():
 from random import Random  # noqa: E402
 
 from dnslib import DNSRecord  # noqa: E402
-from support.engine_plans import load  # noqa: E402
 
 from proxy.core import wire  # noqa: E402
 from proxy.core.engine import Engine  # noqa: E402
 from proxy.core.model import Rule, Scenario  # noqa: E402
 from proxy.core.query import QueryView  # noqa: E402
 from proxy.core.verdict import Forward, Reply  # noqa: E402
+from support.engine_plans import load  # noqa: E402
 
 
 def view(name: str) -> QueryView:

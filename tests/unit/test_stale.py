@@ -11,13 +11,13 @@ import dns.name
 import dns.rcode
 import dns.rrset
 import pytest
-from support.engine_plans import load
 
 from proxy.core.engine import Engine
 from proxy.core.model import Scenario
 from proxy.core.query import QueryView
 from proxy.core.stale import StaleStore, worth_recording
 from proxy.core.verdict import Forward, Reply
+from support.engine_plans import load
 
 
 def query(name: str = "www.example.com", qtype: str = "A", *, qid: int = 0x1111,
