@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,10 @@ class WorkerHandle:
     restarts: int = 0
     applied: int = 0
     """The sequence number of the last log entry it said it applied."""
+    lagging: bool = False
+    """It missed a reply or acknowledgement: not waited for until it answers
+    again (its last counts stand in), so one stuck worker delays one request,
+    not every one."""
 
     @property
     def pid(self) -> int:
@@ -174,6 +179,7 @@ class WorkerPool:
         kind = event[0]
         if kind == "applied":
             handle.applied = max(handle.applied, event[1])
+            self._caught_up(handle)
         elif kind == "ready" and not handle.ready:
             handle.ready = True
             what = "restarted" if handle.restarts else "started"
@@ -317,6 +323,17 @@ class WorkerPool:
 
     # --- the log and requests -----------------------------------------------------------
 
+    def _lagging(self, handle: WorkerHandle, what: str, timeout: float) -> None:
+        if not handle.lagging and handle.proc.poll() is None and not handle.chan.closed:
+            log.warning("worker %d (pid %d) did not %s within %.1f s; not waited for until "
+                        "it answers", handle.index, handle.pid, what, timeout)
+        handle.lagging = True
+
+    def _caught_up(self, handle: WorkerHandle) -> None:
+        if handle.lagging:
+            handle.lagging = False
+            log.warning("worker %d (pid %d) answers again", handle.index, handle.pid)
+
     def _live(self) -> list[WorkerHandle]:
         return [h for h in self.handles if h is not None and not h.chan.closed]
 
@@ -332,14 +349,14 @@ class WorkerPool:
         target = self.calls.seq
         end = time.monotonic() + timeout
         while True:
-            behind = [h for h in self._live() if h.serving and h.applied < target]
+            behind = [h for h in self._live()
+                      if h.serving and not h.lagging and h.applied < target]
             left = end - time.monotonic()
             if not behind:
                 return
             if left <= 0:
                 for handle in behind:
-                    log.warning("worker %d (pid %d) did not apply change %d within %.1f s",
-                                handle.index, handle.pid, target, timeout)
+                    self._lagging(handle, f"apply change {target}", timeout)
                 return
             try:
                 await asyncio.wait_for(self._progress.wait(), left)
@@ -349,19 +366,20 @@ class WorkerPool:
     async def request(self, kind: str, *args: Any,
                       timeout: float = ACK_TIMEOUT) -> dict[int, Any]:
         """Send (kind, seq, *args) to every serving worker and await their
-        replies, up to `timeout`: {index: value} of those that answered."""
+        replies, up to `timeout` (a lagging worker's is not waited for):
+        {index: value} of those that answered."""
         asked = {handle.index: (handle, handle.chan.ask(kind, *args))
                  for handle in self._live() if handle.serving}
-        if not asked:
-            return {}
-        await asyncio.wait([future for _, future in asked.values()], timeout=timeout)
+        for handle, future in asked.values():
+            future.add_done_callback(partial(self._answered, handle))
+        awaited = [future for handle, future in asked.values() if not handle.lagging]
+        if awaited:
+            await asyncio.wait(awaited, timeout=timeout)
         out = {}
         for index, (handle, future) in asked.items():
             if not future.done():
-                future.cancel()
-                if handle.proc.poll() is None and not handle.chan.closed:
-                    log.warning("worker %d (pid %d) did not answer %r within %.1f s",
-                                handle.index, handle.pid, kind, timeout)
+                if timeout >= ACK_TIMEOUT:  # a shorter wait (/health) says nothing
+                    self._lagging(handle, f"answer {kind!r}", timeout)
                 continue
             ok, value = future.result()
             if not ok:
@@ -371,6 +389,10 @@ class WorkerPool:
                 continue
             out[index] = value
         return out
+
+    def _answered(self, handle: WorkerHandle, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.result()[0]:
+            self._caught_up(handle)
 
     def release(self, run: str | None = None) -> int:
         """Forward the queries `run` holds in a fault's delay (None: every

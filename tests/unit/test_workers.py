@@ -9,6 +9,7 @@ import asyncio
 import pickle
 import random
 import socket
+from functools import partial
 from types import SimpleNamespace
 
 import dns.message
@@ -21,6 +22,7 @@ from proxy.core.query import QueryView
 from proxy.forwarder import Upstream
 from proxy.metrics import MetricsView, make_registry
 from proxy.stats import Stats
+from proxy.workers import pool as pool_module
 from proxy.workers.ipc import CLOSED, Channel, frame, unframe
 from proxy.workers.merge import (
     AggregateUpstream,
@@ -31,6 +33,7 @@ from proxy.workers.merge import (
     sum_stats,
     sum_upstreams,
 )
+from proxy.workers.pool import WorkerHandle, WorkerPool
 from proxy.workers.replication import CallLog, Entry, LoggedEngine, Replica, worker_share
 
 NOW = 1_800_000_000.0
@@ -332,3 +335,78 @@ def test_first_and_limits_are_split_so_workers_together_never_exceed_them() -> N
     faulted = sum(verdicts(engine, "a.test", 1.0 + i) == "Reply3"
                   for engine in engines for i in range(10))
     assert faulted == 5
+
+
+# --- the pool's requests: awaited, never blocking, a stuck worker waited for once -------
+
+
+class Worker:
+    """The far end of one worker's control channel, answered by hand."""
+
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        ours, self.sock = socket.socketpair()
+        self.sock.setblocking(False)
+        self.handle = WorkerHandle(index, SimpleNamespace(poll=lambda: None, pid=1000 + index),
+                                   Channel(ours), 0.0, ready=True)  # type: ignore[arg-type]
+        self.handle.chan.on_event = partial(pool._on_event, self.handle)
+        self.handle.chan.attach(asyncio.get_running_loop())
+        pool.handles[index] = self.handle
+        self.buffer = bytearray()
+
+    def received(self) -> list[tuple]:
+        try:
+            self.buffer += self.sock.recv(1 << 20)
+        except BlockingIOError:
+            pass
+        return unframe(self.buffer)
+
+    def send(self, *messages: tuple) -> None:
+        self.sock.sendall(b"".join(frame(m) for m in messages))
+
+
+async def test_a_stuck_worker_is_waited_for_once_and_the_loop_goes_on(monkeypatch) -> None:
+    monkeypatch.setattr(pool_module, "ACK_TIMEOUT", 0.2)
+    calls = CallLog()
+    pool = WorkerPool(Settings(upstreams=["127.0.0.1:53"]), 2, calls)
+    quick, stuck = Worker(pool, 0), Worker(pool, 1)
+    ticks: list[str] = []
+
+    async def ticker() -> None:  # runs while the request waits: the loop is not blocked
+        for _ in range(3):
+            ticks.append("tick")
+            await asyncio.sleep(0.01)
+
+    request = asyncio.ensure_future(pool.request("snapshot", ("stats",), timeout=0.2))
+    await asyncio.gather(ticker(), asyncio.sleep(0.05))
+    ((kind, seq, parts),) = quick.received()
+    assert (kind, parts) == ("snapshot", ("stats",)) and not request.done()
+    quick.send(("reply", seq, True, {"stats": []}))
+    assert await request == {0: {"stats": []}}  # the stuck one timed out, nothing else
+    assert ticks == ["tick"] * 3 and stuck.handle.lagging and not quick.handle.lagging
+    # Next time the stuck worker is asked but not waited for: the quick one's
+    # answer is enough, before any timeout.
+    again = asyncio.ensure_future(pool.request("snapshot", ("stats",)))
+    await asyncio.sleep(0.02)
+    ((_, seq2, _),) = quick.received()
+    quick.send(("reply", seq2, True, {"stats": [1]}))
+    timer = asyncio.ensure_future(asyncio.sleep(0.2))
+    done, _ = await asyncio.wait([again, timer], return_when=asyncio.FIRST_COMPLETED)
+    assert done == {again} and again.result() == {0: {"stats": [1]}}
+    timer.cancel()
+    assert [m[0] for m in stuck.received()] == ["snapshot", "snapshot"]  # asked both times
+    # A log entry: the quick one acknowledges, the lagging one is not waited for.
+    calls.append("forget", ("x",), {}, False)
+    assert [m[0] for m in quick.received()] == ["entry"]
+    quick.send(("applied", 1))
+    settle = asyncio.ensure_future(pool.settle())
+    timer = asyncio.ensure_future(asyncio.sleep(0.2))
+    done, _ = await asyncio.wait([settle, timer], return_when=asyncio.FIRST_COMPLETED)
+    assert done == {settle} and quick.handle.applied == 1 and stuck.handle.applied == 0
+    timer.cancel()
+    # It answers again: waited for again.
+    stuck.send(("applied", 1))
+    await asyncio.sleep(0.02)
+    assert not stuck.handle.lagging
+    for worker in (quick, stuck):
+        worker.handle.chan.close()
+        worker.sock.close()
