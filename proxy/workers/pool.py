@@ -346,7 +346,7 @@ class WorkerPool:
     async def settle(self, timeout: float = ACK_TIMEOUT) -> None:
         """Wait (without blocking) until every serving worker has applied the
         log up to now, or `timeout` passes (each late one logged)."""
-        target = self.calls.seq
+        target = self.calls.last_change
         end = time.monotonic() + timeout
         while True:
             behind = [h for h in self._live()

@@ -60,6 +60,9 @@ class EngineLog(Protocol):
     @property
     def seq(self) -> int: ...
 
+    @property
+    def last_change(self) -> int: ...
+
     def subscribe(self, listener: Callable[[Entry], None]) -> None: ...
 
     def snapshot(self) -> Snapshot: ...
@@ -70,6 +73,7 @@ class CallLog:
 
     def __init__(self) -> None:
         self._seq = 0
+        self._last_change = 0
         self._runs: dict[str, list[Entry]] = {}
         """Per run id still held: the entries that made its state."""
         self._listeners: list[Callable[[Entry], None]] = []
@@ -78,6 +82,12 @@ class CallLog:
     def seq(self) -> int:
         """The sequence number of the last entry (0: none yet)."""
         return self._seq
+
+    @property
+    def last_change(self) -> int:
+        """The sequence number of the last entry that is not a tick (ticks
+        are not acknowledged on their own: nothing waits for them)."""
+        return self._last_change
 
     def subscribe(self, listener: Callable[[Entry], None]) -> None:
         self._listeners.append(listener)
@@ -89,6 +99,8 @@ class CallLog:
         if method not in MUTATIONS:
             raise ValueError(f"not an engine mutation: {method!r}")
         self._seq += 1
+        if method != "tick":
+            self._last_change = self._seq
         entry = Entry(self._seq, method, args, kwargs)
         self._compact(entry, result)
         for listener in self._listeners:
