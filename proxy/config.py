@@ -176,7 +176,7 @@ class Settings(Base):
     workers: Annotated[int, Field(ge=1, le=256)] = 1
     """Processes answering DNS on the same addresses (SO_REUSEPORT); with more than
     one, the main process only runs the admin API and the game day and sends every
-    change of faults to each worker (proxy/workers.py)."""
+    change of faults to each worker (proxy/workers/)."""
 
     @field_validator("listen")
     @classmethod
