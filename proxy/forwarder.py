@@ -51,7 +51,6 @@ import logging
 import math
 import os
 import random
-import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -63,118 +62,42 @@ from proxy.core.query import QueryView
 from proxy.core.replies import header_reply, rcode_reply
 from proxy.core.verdict import Drop, Forward, Reply
 from proxy.errors import DnschaosError, MalformedQuery
-from proxy.stats import Stats, UpstreamStats
+from proxy.loop_probes import (
+    HINFO,
+    PROBE_LABEL,
+    PROBE_MIN_GAP,
+    SUSPICIOUS,
+    LoopProbes,
+)
+from proxy.stats import Stats
+from proxy.upstreams import (
+    ADDR,
+    CLIENT_ID,
+    ORDER,
+    QUERY,
+    QUESTION,
+    REPLY_TO,
+    RESPOND,
+    SENT,
+    START,
+    TCP,
+    TRIES,
+    VIEW,
+    Upstream,
+    UpstreamSocket,
+    tcp_exchange,
+)
 
 log = logging.getLogger("dnschaos.forwarder")
 
 SWEEP_INTERVAL = 0.05  # seconds between timeout sweeps: the timeouts' granularity
-PROBE_INTERVAL = 10.0  # seconds between loop probes of every upstream
-PROBE_MIN_GAP = 1.0  # seconds at least between probe rounds a suspicion starts
-SUSPICIOUS = 64  # queries from upstreams' addresses in one sweep that start a probe round
-PROBE_LABEL = b"dnschaos-loop"
-PROBE_SUFFIX = bytes([len(PROBE_LABEL)]) + PROBE_LABEL + b"\x00"
-HINFO = 13
 
-# Fields of a pending query (a list: cheaper to build per query than an object).
-CLIENT_ID, ADDR, REPLY_TO, TCP, QUESTION, QUERY, ORDER, TRIES, SENT, RESPOND, VIEW, START = (
-    range(12)
-)
 
 _QR_BIT = wire.QR
 _TC_BIT = wire.TC
-_ONE = b"\x00\x01"
 
 
-class Upstream:
-    """One upstream resolver: its sockets, its health and its counters."""
-
-    def __init__(self, host: str, port: int, name: str) -> None:
-        self.addr = (host, port)
-        self.name = name
-        self.sockets: list[UpstreamSocket] = []
-        self.fails = 0
-        self.down_until = 0.0  # loop time; 0 when up
-        self.looped = False  # a loop probe came back to us: never forwarded to
-        self.probes: dict[bytes, bytes] = {}  # loop probes sent: ID -> question
-        self.stats = UpstreamStats()
-
-    @property
-    def up(self) -> bool:
-        return self.down_until == 0.0
-
-    def sent(self) -> int:
-        return sum(sock.sent for sock in self.sockets)
-
-    def replies(self) -> int:
-        return sum(sock.replies for sock in self.sockets)
-
-
-class UpstreamSocket(asyncio.DatagramProtocol):
-    """One connected UDP socket towards an upstream, with its pending IDs."""
-
-    def __init__(self, forwarder: Forwarder, upstream: Upstream) -> None:
-        self.forwarder = forwarder
-        self.upstream = upstream
-        self.stats = forwarder.stats
-        self.clock = forwarder.clock
-        self.pending: dict[bytes, list] = {}
-        self.transport: asyncio.DatagramTransport | None = None
-        self.sent = 0
-        self.replies = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        txid = data[:2]
-        pending = self.pending
-        entry = pending.get(txid)
-        if entry is None:
-            if txid in self.upstream.probes:
-                self.forwarder.probe_answered(self.upstream, data)
-            else:
-                self.forwarder.stats.unmatched_replies += 1
-            return
-        question = entry[QUESTION]
-        if not (
-            len(data) >= 12 and data[2] & _QR_BIT and data[4:6] == _ONE
-            and (data.startswith(question, 12) or _same_question(data, question))
-        ):
-            self.forwarder.stats.mismatched_replies += 1
-            return
-        del pending[txid]
-        self.replies += 1
-        upstream = self.upstream
-        now = self.clock()
-        upstream.stats.latency.observe(now - entry[SENT])
-        if upstream.fails:
-            self.forwarder.mark_alive(upstream)
-        if (entry[TCP] and data[2] & _TC_BIT) or entry[RESPOND] is not None:
-            self.forwarder.retry_tcp_or_apply_fault(entry, data, upstream)
-            return
-        stats = self.stats
-        stats.answers += 1
-        stats.rcodes[data[3] & 15] += 1
-        stats.latency.observe(now - entry[START])
-        entry[REPLY_TO].sendto(entry[CLIENT_ID] + data[2:], entry[ADDR])
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors (port unreachable) on a connected socket: the kernel
-        # does not say which send caused it.
-        self.forwarder.unreachable(self, exc)
-
-
-def _same_question(data: bytes, question: bytes) -> bool:
-    """Same name ignoring ASCII case (some servers change it), same type and class."""
-    end = 12 + len(question)
-    got = data[12:end]
-    return (
-        len(got) == len(question) and got[-4:] == question[-4:]
-        and got[:-4].lower() == question[:-4].lower()
-    )
-
-
-class Forwarder:
+class Forwarder(LoopProbes):
     """Takes queries from the frontends and carries them to the upstreams."""
 
     def __init__(self, settings: Settings, engine: Engine, stats: Stats | None = None,
@@ -456,82 +379,6 @@ class Forwarder:
                 orders = [self.rng.choice(orders) for _ in range(64 * len(orders))]
         self._orders = orders if usable else []
 
-    # --- forwarding loops ------------------------------------------------------
-
-    def start_loop_probes(self) -> None:
-        """Probe every upstream now and every PROBE_INTERVAL from now on;
-        called once the listeners are bound, so a probe that comes back finds them."""
-        self.probe_loops()
-
-    def probe_loops(self) -> None:
-        now = self.clock()
-        self._last_probe = now
-        self._next_probe = now + PROBE_INTERVAL
-        for index, upstream in enumerate(self.upstreams):
-            if not upstream.sockets:
-                continue
-            # On a query socket (not counted as a request): an ICMP error
-            # tells at once that the upstream is unreachable.
-            sock = upstream.sockets[0]
-            txid = os.urandom(2)
-            while txid in sock.pending:
-                txid = os.urandom(2)
-            question = b"".join(bytes([len(label)]) + label for label in (
-                os.urandom(4).hex().encode(), b"u%d" % index, self.loop_token,
-            )) + PROBE_SUFFIX + struct.pack("!HH", HINFO, 1)
-            if len(upstream.probes) >= 8:
-                upstream.probes.clear()  # old probes nobody answered
-            upstream.probes[txid] = question
-            sock.transport.sendto(  # type: ignore[union-attr]
-                txid + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + question)
-
-    def _own_probe(self, data: bytes, qend: int, addr: Any, reply_to: Any,
-                   listener: str) -> bool:
-        """Whether the query is one of our loop probes come back: then it is
-        answered here, with the marker, and never forwarded."""
-        name = data[12:qend - 4].lower()
-        if not name.endswith(PROBE_SUFFIX):
-            return False
-        labels, pos = [], 0
-        while pos < len(name) and 0 < name[pos] < 64:
-            labels.append(name[pos + 1:pos + 1 + name[pos]])
-            pos += 1 + name[pos]
-        if len(labels) != 4 or labels[2] != self.loop_token:
-            return False  # another proxy's probe: a query like any other
-        index = labels[1][1:]
-        if index.isdigit() and int(index) < len(self.upstreams):
-            self.loop_detected(self.upstreams[int(index)],
-                               f"its loop probe came back to {listener} from {addr[0]}")
-        # QR AA (RD copied), NOERROR; the question; HINFO "dnschaos-loop" "<token>".
-        marker = self._probe_marker
-        reply_to.sendto(data[:2] + bytes([0x84 | data[2] & 1, 0]) + b"\x00\x01\x00\x01\x00\x00"
-                        + b"\x00\x00" + data[12:qend] + b"\xc0\x0c"
-                        + struct.pack("!HHIH", HINFO, 1, 0, len(marker)) + marker, addr)
-        return True
-
-    def probe_answered(self, upstream: Upstream, reply: bytes) -> None:
-        question = upstream.probes.pop(reply[:2])
-        if not (len(reply) >= 12 and reply[2] & _QR_BIT and (
-                reply.startswith(question, 12) or _same_question(reply, question))):
-            self.stats.mismatched_replies += 1
-            return
-        if self._probe_marker in reply:
-            self.loop_detected(upstream, "its answer to a loop probe came from this proxy")
-        elif upstream.looped and reply[3] & 15 in (wire.NOERROR, wire.NXDOMAIN):
-            upstream.looped = False  # a real answer: something else resolved it
-            log.warning("upstream %s no longer loops back to this proxy", upstream.name)
-            self._recompute_orders()
-
-    def loop_detected(self, upstream: Upstream, how: str) -> None:
-        if upstream.looped:
-            return
-        upstream.looped = True
-        upstream.stats.loops += 1
-        log.error("upstream %s forwards back to this proxy (%s): forwarding loop; "
-                  "no query goes to it until a loop probe gets a real answer",
-                  upstream.name, how)
-        self._recompute_orders()
-
     # --- TCP retry after truncation -----------------------------------------
 
     async def _retry_over_tcp(self, entry: list, upstream: Upstream) -> None:
@@ -672,24 +519,3 @@ def _drop_and_close(connection: Any) -> None:
     """A TCP query dropped by closing its connection: it ends unanswered."""
     connection.no_reply()
     connection.close()
-
-
-async def tcp_exchange(addr: tuple[str, int], query: bytes, question: bytes) -> bytes:
-    """Send `query` over a new TCP connection under a fresh ID; return the
-    reply after checking its ID and question."""
-    txid = os.urandom(2)
-    reader, writer = await asyncio.open_connection(addr[0], addr[1])
-    try:
-        writer.write(struct.pack("!H", len(query)) + txid + query[2:])
-        await writer.drain()
-        while True:
-            (length,) = struct.unpack("!H", await reader.readexactly(2))
-            reply = await reader.readexactly(length)
-            if reply[:2] == txid and len(reply) >= 12 and reply[2] & _QR_BIT and (
-                reply.startswith(question, 12) or _same_question(reply, question)
-            ):
-                return reply
-    except asyncio.IncompleteReadError:
-        raise DnschaosError("upstream closed the TCP connection before answering") from None
-    finally:
-        writer.close()

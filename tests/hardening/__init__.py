@@ -27,7 +27,8 @@ import dns.name
 
 from proxy.config import Settings
 from proxy.core.engine import Engine
-from proxy.forwarder import Forwarder, UpstreamSocket
+from proxy.forwarder import Forwarder
+from proxy.upstreams import UpstreamSocket
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "fuzz" / "corpus"

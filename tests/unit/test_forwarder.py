@@ -17,7 +17,8 @@ import pytest
 
 from proxy.config import Settings
 from proxy.core.engine import Engine
-from proxy.forwarder import Forwarder, Upstream, UpstreamSocket
+from proxy.forwarder import Forwarder
+from proxy.upstreams import Upstream, UpstreamSocket
 
 A, B = "127.0.0.1:5301", "127.0.0.2:5302"
 CLIENT = ("127.0.0.9", 40000)

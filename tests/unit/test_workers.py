@@ -19,9 +19,9 @@ from proxy.config import Settings
 from proxy.core.engine import Engine
 from proxy.core.model import Rule, Scenario
 from proxy.core.query import QueryView
-from proxy.forwarder import Upstream
 from proxy.metrics import MetricsView, make_registry
 from proxy.stats import Stats
+from proxy.upstreams import Upstream
 from proxy.workers import pool as pool_module
 from proxy.workers.ipc import CLOSED, Channel, frame, unframe
 from proxy.workers.merge import (
