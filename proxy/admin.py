@@ -54,8 +54,10 @@ def make_app(server: Served) -> web.Application:
         path = request.path
         if path == "/health":
             await server.refresh(("forwarder",), HEALTH_TIMEOUT)
-        elif path == "/metrics" or path.startswith("/api/"):
+        elif path == "/metrics":
             await server.refresh()
+        elif path.startswith("/api/"):  # rule and run counts, reports
+            await server.refresh(("stats", "clients"))
         response = await handler(request)
         if request.method not in READS:
             await server.settle()
