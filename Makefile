@@ -18,7 +18,7 @@ TEST_BINS := unbound nsd dig ldns-signzone promtool prometheus
 BENCH_DEBS := nsd dnsperf dnsdist dnsmasq-base
 BENCH_BINS := nsd dnsperf dnsdist dnsmasq
 
-.PHONY: run test demo bench validate venv test-debs bench-debs clean
+.PHONY: run test lint demo bench validate venv test-debs bench-debs clean
 
 run: $(RUN_STAMP)
 	$(BIN)/dnschaos run $(ARGS)
@@ -26,9 +26,16 @@ run: $(RUN_STAMP)
 demo: $(RUN_STAMP)
 	$(BIN)/dnschaos demo
 
-test: $(STAMP) test-debs
+test: $(STAMP) test-debs lint
 	$(BIN)/dnschaos validate scenarios/
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Lint and types: ruff everywhere, mypy on the package, and --strict on the
+# core (no I/O, every seam typed).
+lint: $(STAMP)
+	$(BIN)/ruff check proxy tests fuzz
+	$(BIN)/mypy proxy
+	$(BIN)/mypy --strict proxy/core
 
 validate: $(RUN_STAMP)
 	$(BIN)/dnschaos validate scenarios/

@@ -30,10 +30,14 @@ from proxy.core.stale import StaleStore
 
 
 class Spec(Protocol):
-    """What the engine sees of a fault's model: its type name."""
+    """What the rest of the proxy sees of a fault's model: its type name, and
+    its keys as data (the API and the report show them)."""
 
     @property
     def type(self) -> str: ...
+
+    def model_dump(self, *, by_alias: bool | None = ...,
+                   exclude_none: bool = ...) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
