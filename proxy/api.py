@@ -21,9 +21,11 @@ from proxy.core.model import Rule
 from proxy.core.schedule import format_time, next_start, parse_time
 from proxy.core.spec import parse_duration
 from proxy.errors import DnschaosError, InvalidFile
+from proxy.gameday import views
 from proxy.gameday.audit import AuditLog
+from proxy.gameday.records import Conflict, NotFound, Refused
 from proxy.gameday.report import to_markdown
-from proxy.gameday.runs import Conflict, GameDay, NotFound, Refused
+from proxy.gameday.runs import GameDay
 from proxy.loader import load_model
 
 GAMEDAY = web.AppKey("gameday", GameDay)
@@ -209,7 +211,7 @@ def _errors(fn: Handler) -> Handler:
 
 @_errors
 async def status(request: web.Request) -> web.Response:
-    return _ok(_gd(request).status())
+    return _ok(views.status(_gd(request)))
 
 
 def _scenario_row(gd: GameDay, name: str) -> dict[str, Any]:
@@ -288,7 +290,7 @@ async def start_scenario(request: web.Request) -> web.Response:
         request.match_info["name"], at=_time(body.get("at")),
         dry_run=bool(body.get("dry_run", False)), time_scale=time_scale,
         max_duration=_duration(body.get("max_duration")), trigger="api", who=who(request))
-    return _ok(_gd(request).run_row(record.id), status=201, audit={"run": record.id})
+    return _ok(views.run_row(_gd(request), record.id), status=201, audit={"run": record.id})
 
 
 @_errors
@@ -303,12 +305,12 @@ async def reload(request: web.Request) -> web.Response:
 
 @_errors
 async def list_runs(request: web.Request) -> web.Response:
-    return _ok({"runs": _gd(request).run_rows()})
+    return _ok({"runs": views.run_rows(_gd(request))})
 
 
 @_errors
 async def show_run(request: web.Request) -> web.Response:
-    return _ok(_gd(request).run_row(request.match_info["run"]))
+    return _ok(views.run_row(_gd(request), request.match_info["run"]))
 
 
 @_errors
@@ -339,7 +341,7 @@ async def reset(request: web.Request) -> web.Response:
 
 @_errors
 async def list_rules(request: web.Request) -> web.Response:
-    return _ok({"rules": _gd(request).rule_rows()})
+    return _ok({"rules": views.rule_rows(_gd(request))})
 
 
 @_errors
@@ -358,7 +360,7 @@ async def add_rule(request: web.Request) -> web.Response:
     rule = load_model(json.dumps({"name": name, **body}), "<api>", Rule)
     record = _gd(request).add_rule(name, rule, duration=duration, dry_run=dry_run,
                                    who=who(request))
-    row = next(r for r in _gd(request).rule_rows() if r["name"] == record.name)
+    row = next(r for r in views.rule_rows(_gd(request)) if r["name"] == record.name)
     return _ok(row, status=201)
 
 

@@ -24,17 +24,24 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-from proxy.core.engine import ENDED, Engine
+from proxy.core.engine import Engine
 from proxy.core.model import Rule, Scenario
 from proxy.core.schedule import Scheduler, format_time, next_start, parse_time
-from proxy.errors import DnschaosError, FieldProblem
 from proxy.gameday.catalog import Catalog, Changes
 from proxy.gameday.probes import Checker, ProbeMonitor, check
+from proxy.gameday.records import (
+    AdhocRecord,
+    Conflict,
+    EndedRun,
+    NotFound,
+    Refused,
+    RunRecord,
+    rule_run,
+)
 from proxy.gameday.report import build_report, write_report
 from proxy.loader import cap_warning, wanted_length
 
@@ -47,82 +54,6 @@ KEEP_ENDED = 100
 """Ended runs whose final counts /metrics still shows, at most (the oldest go first)."""
 
 
-class NotFound(DnschaosError):
-    """No such scenario, run or rule."""
-
-
-class Conflict(DnschaosError):
-    """The request conflicts with the current state."""
-
-
-class Refused(Conflict):
-    """The scenario's file was changed and refused: the catalog holds an older
-    version, which must not run in its place unnoticed."""
-
-    def __init__(self, name: str, file: str, problems: list[FieldProblem]) -> None:
-        self.name, self.file, self.problems = name, file, problems
-        super().__init__(
-            f"scenario {name!r} is not started: its file {file} was changed and refused "
-            "(the proxy still holds the version before it); fix the file, then start "
-            "again:\n" + "\n".join(p.render() for p in problems))
-
-
-@dataclass
-class RunRecord:
-    id: str
-    scenario: Scenario
-    dry_run: bool
-    trigger: str
-    who: str | None
-    started_at: float
-    """When the run's first phase starts (wall time; in the future for `at`)."""
-    hard_end: float
-    max_duration: float
-    added_at: float
-    warnings: list[str] = field(default_factory=list)
-    """Why the run is shorter than asked (max_run_duration)."""
-    timeline: list[dict[str, Any]] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    probes: ProbeMonitor | None = None
-    reason: str | None = None
-    detail: str = ""
-    ended_at: float | None = None
-    report: dict[str, Any] | None = None
-    phase_seen: int | None = None
-
-    def as_run(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "scenario": self.scenario.name, "dry_run": self.dry_run,
-            "trigger": self.trigger, "who": self.who, "started_at": self.started_at,
-            "ended_at": self.ended_at, "reason": self.reason, "detail": self.detail,
-            "timeline": self.timeline, "events": self.events,
-        }
-
-
-@dataclass(frozen=True)
-class EndedRun:
-    """The final counts of a run (or ad hoc rule) the engine has forgotten,
-    kept so /metrics shows what it counted after the last scrape."""
-
-    run: str
-    scenario: str
-    dry_run: bool
-    ended_at: float
-    stats: list[dict[str, Any]]
-    """engine.stats(run) as it ended."""
-    clients: list[dict[str, Any]]
-    """engine.client_stats(run) as it ended, without the names (not in /metrics)."""
-
-
-@dataclass
-class AdhocRecord:
-    name: str
-    rule: Rule
-    dry_run: bool
-    added_at: float
-    expires_at: float | None
-    who: str | None
-    warnings: list[str] = field(default_factory=list)
 
 
 class GameDay:
@@ -329,7 +260,7 @@ class GameDay:
             raise ValueError("duration must be greater than 0")
         warning = cap_warning(f"rule {name}", duration, self.max_run_duration)
         rule = rule.model_copy(update={"name": name})
-        self.engine.add_rule(_rule_run(name), rule, now, now + length, dry_run=dry_run)
+        self.engine.add_rule(rule_run(name), rule, now, now + length, dry_run=dry_run)
         record = AdhocRecord(name, rule, dry_run, now, now + length, who,
                              [warning] if warning else [])
         self.rules[name] = record
@@ -343,12 +274,12 @@ class GameDay:
         if name not in self.rules:
             raise NotFound(f"no rule called {name!r}")
         self._remove_rule(name)
-        self.release(_rule_run(name))
+        self.release(rule_run(name))
         return True
 
     def _remove_rule(self, name: str) -> None:
         record = self.rules.pop(name, None)
-        run_id = _rule_run(name)
+        run_id = rule_run(name)
         run = self.engine.get_run(run_id)
         if record is not None and run is not None:
             self._keep_ended(run_id, run.scenario, record.dry_run, self.clock(),
@@ -356,27 +287,6 @@ class GameDay:
         self.engine.forget(run_id)
         log.info("ad hoc rule %s removed", name)
 
-    def rule_rows(self) -> list[dict[str, Any]]:
-        self.tick()
-        stats = {(row["run"]): row for row in self.engine.stats()}
-        out = []
-        for record in self.rules.values():
-            row = stats.get(_rule_run(record.name), {})
-            out.append({
-                "name": record.name, "dry_run": record.dry_run,
-                "match": record.rule.match.model_dump(by_alias=True, exclude_none=True)
-                or "all",
-                "fault": record.rule.fault.model_dump(by_alias=True, exclude_none=True),
-                "added_at": format_time(record.added_at),
-                "expires_at": format_time(record.expires_at),
-                "remaining": (None if record.expires_at is None
-                              else max(0.0, record.expires_at - self.clock())),
-                "matched": row.get("matched", 0), "injected": row.get("injected", 0),
-                "who": record.who, "duration": (None if record.expires_at is None
-                                                else record.expires_at - record.added_at),
-                "warnings": record.warnings,
-            })
-        return out
 
     # --- the clock ------------------------------------------------------------------------
 
@@ -553,71 +463,6 @@ class GameDay:
     def _event(record: RunRecord, now: float, event: str, detail: str = "") -> None:
         record.events.append({"time": now, "event": event, "detail": detail})
 
-    # --- reading ------------------------------------------------------------------------
-
-    def run_rows(self) -> list[dict[str, Any]]:
-        self.tick()
-        now = self.clock()
-        info = {row["run"]: row for row in self.engine.runs_info(now)}
-        rows = []
-        for record in sorted(self.runs.values(), key=lambda r: (r.started_at, r.id)):
-            row = info.get(record.id, {})
-            rows.append(self._row(record, row.get("state", ENDED), row, now))
-        for run_id, report in reversed(self.reports.items()):
-            rows.append({
-                "run": run_id, "scenario": report["scenario"], "state": "ended",
-                "dry_run": report["dry_run"], "phase": None, "phase_index": None,
-                "remaining": None, "started_at": report["started_at"],
-                "ended_at": report["ended_at"], "ended": report["ended"],
-                "ended_because": report["ended_because"],
-            })
-        return rows
-
-    def _row(self, record: RunRecord, state: str, row: dict[str, Any],
-             now: float) -> dict[str, Any]:
-        return {
-            "run": record.id, "scenario": record.scenario.name, "state": state,
-            "dry_run": record.dry_run, "phase": row.get("phase"),
-            "phase_index": row.get("phase_index"), "remaining": row.get("remaining"),
-            "phases": len(record.scenario.phases), "trigger": record.trigger,
-            "started_at": format_time(record.started_at),
-            "hard_end": format_time(record.hard_end),
-            "time_left": max(0.0, record.hard_end - now),
-            "max_duration": record.max_duration,
-            "time_scale": record.scenario.time_scale,
-            "warnings": record.warnings,
-        }
-
-    def run_row(self, run_id: str) -> dict[str, Any]:
-        for row in self.run_rows():
-            if row["run"] == run_id:
-                if run_id in self.runs:
-                    record = self.runs[run_id]
-                    row["timeline"] = [
-                        {"phase": p["phase"], "index": p["index"],
-                         "started_at": format_time(p["start"]), "ended_at": format_time(p["end"])}
-                        for p in record.timeline]
-                    row["probes"] = record.probes.summary() if record.probes else []
-                    row["rules"] = self.engine.stats(run_id)
-                return row
-        raise NotFound(f"no run called {run_id!r}")
-
-    def status(self) -> dict[str, Any]:
-        now = self.clock()
-        return {
-            "time": format_time(now),
-            "active": self.engine.active,
-            "runs": [r for r in self.run_rows() if r["state"] != "ended"],
-            "rules": self.rule_rows(),
-            "schedules": [
-                {"scenario": name, "schedule": e.cron, "timezone": e.tz,
-                 "next_start": format_time(self.scheduler.upcoming(name, now))}
-                for name, e in self.scheduler.entries.items()],
-            "scenario_errors": dict(self.catalog.errors),
-            "skipped_starts": list(self.skipped),
-            "max_run_duration": self.max_run_duration,
-        }
-
     # --- life cycle ---------------------------------------------------------------------
 
     def start_background(self) -> None:
@@ -652,10 +497,6 @@ class GameDay:
             await monitor.stop()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
-
-
-def _rule_run(name: str) -> str:
-    return f"rule:{name}"
 
 
 def _next(scenario: Scenario, now: float) -> float | None:

@@ -17,8 +17,10 @@ from proxy.core.model import Rule, Scenario
 from proxy.core.query import QueryView
 from proxy.core.schedule import parse_time
 from proxy.core.verdict import Reply
+from proxy.gameday import views
 from proxy.gameday.catalog import Catalog
-from proxy.gameday.runs import GameDay, NotFound, Refused
+from proxy.gameday.records import NotFound, Refused
+from proxy.gameday.runs import GameDay
 
 NX, SERVFAIL, REFUSED = dns.rcode.NXDOMAIN, dns.rcode.SERVFAIL, dns.rcode.REFUSED
 RNG = random.Random(1)
@@ -264,7 +266,7 @@ def test_manager_at_time_and_dry_run() -> None:
     gd, engine, _ = manager(clock)
     gd.add_scenario(scenario())
     run = gd.start("s", at=parse_time("2026-12-01T14:00Z"), dry_run=True)
-    assert gd.run_rows()[0]["state"] == "pending"
+    assert views.run_rows(gd)[0]["state"] == "pending"
     assert run.id == "s-20261201T140000Z"
     clock.now = parse_time("2026-12-01T14:00:01Z")
     assert engine.on_query(q(), clock.now, RNG) is None  # dry: nothing changes
@@ -330,14 +332,14 @@ def test_manager_pause_resume_reset_and_rules() -> None:
     run = gd.start("s")
     clock.now = 5.0
     assert gd.pause("s") == [run.id] and gd.pause("s") == []
-    assert gd.run_rows()[0]["state"] == "paused"
+    assert views.run_rows(gd)[0]["state"] == "paused"
     clock.now = 12.0  # the hard limit (20 s of wall time) keeps counting while paused
     assert gd.resume(run.id) == [run.id]
-    row = gd.run_rows()[0]
+    row = views.run_rows(gd)[0]
     assert (row["phase"], row["remaining"], row["time_left"]) == ("one", 5.0, 8.0)
     gd.add_rule("db", rule("refused", name="db.internal"), duration=300.0)
     assert rcode(engine.on_query(q(), 12.0, RNG)) == REFUSED
-    assert gd.rule_rows()[0]["matched"] == 1
+    assert views.rule_rows(gd)[0]["matched"] == 1
     out = gd.reset()
     assert out == {"runs": [run.id], "rules": ["db"]}
     assert not engine.active and engine.on_query(q(), 12.0, RNG) is None
@@ -435,7 +437,7 @@ def test_a_schedule_whose_newest_file_was_refused_is_skipped(tmp_path: Path, cap
     assert gd.runs == {} and not engine.active
     assert "schedule of a due at 2026-12-01T14:00:00.000Z skipped" in caplog.text
     assert "phases[0].duration" in caplog.text
-    (skip,) = gd.status()["skipped_starts"]
+    (skip,) = views.status(gd)["skipped_starts"]
     assert (skip["scenario"], skip["file"]) == ("a", str(file))
     # The next occurrence, after the file is fixed, runs.
     file.write_text(weekly)
@@ -443,7 +445,7 @@ def test_a_schedule_whose_newest_file_was_refused_is_skipped(tmp_path: Path, cap
     clock.now = parse_time("2026-12-08T14:00:30Z")
     gd.tick()
     (run,) = gd.runs.values()
-    assert run.trigger == "schedule" and len(gd.status()["skipped_starts"]) == 1
+    assert run.trigger == "schedule" and len(views.status(gd)["skipped_starts"]) == 1
 
 
 def test_a_run_cut_by_max_run_duration_says_so() -> None:
@@ -454,7 +456,7 @@ def test_a_run_cut_by_max_run_duration_says_so() -> None:
     run = gd.start("day")
     assert run.max_duration == 4 * 3600 and run.warnings == [
         "scenario day asks for 24h but max_run_duration is 4h: it stops after 4h"]
-    row = gd.run_row(run.id)
+    row = views.run_row(gd, run.id)
     assert row["warnings"] == run.warnings and row["max_duration"] == 4 * 3600
     assert row["hard_end"] == "1970-01-01T04:00:00.000Z"
     asked = gd.start("short", max_duration=5 * 3600.0)  # the request's limit counts
@@ -470,6 +472,6 @@ def test_an_adhoc_rule_cut_by_max_run_duration_says_so() -> None:
         "rule long asks for 10h but max_run_duration is 4h: it stops after 4h"]
     assert gd.add_rule("short", rule(), duration=300.0).warnings == []
     assert gd.add_rule("capped", rule(), duration=None).warnings == []  # asked for no length
-    rows = {r["name"]: r for r in gd.rule_rows()}
+    rows = {r["name"]: r for r in views.rule_rows(gd)}
     assert rows["long"]["warnings"] == long.warnings and rows["long"]["duration"] == 4 * 3600
     assert rows["short"]["warnings"] == [] and rows["short"]["duration"] == 300
