@@ -29,7 +29,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from proxy.config import DEFAULT_MAX_RUN_DURATION
-from proxy.core.model import Scenario
+from proxy.core.model import Scenario, cap_warning, wanted_length
+from proxy.core.spec import format_duration
 from proxy.errors import FieldProblem, InvalidFile
 
 M = TypeVar("M", bound=BaseModel)
@@ -183,33 +184,11 @@ def _summary(scenario: Scenario) -> str:
     return text
 
 
-def wanted_length(scenario: Scenario, max_duration: float | None = None) -> float:
-    """How long a run would last without max_run_duration: the request's
-    max_duration, else the scenario's, else its total length."""
-    if max_duration is not None:
-        return max_duration
-    return scenario.max_duration if scenario.max_duration is not None else scenario.total_duration
-
-
-def cap_warning(what: str, wanted: float | None, cap: float) -> str | None:
-    """The warning when `what`, asked to last `wanted` seconds, is cut to `cap`."""
-    if wanted is None or wanted <= cap:
-        return None
-    return (f"{what} asks for {format_duration(wanted)} but max_run_duration is "
-            f"{format_duration(cap)}: it stops after {format_duration(cap)}")
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
-
-def format_duration(seconds: float) -> str:
-    """3720 -> '1h 2m', 0.15 -> '150ms': the way durations are written in files."""
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    whole = round(seconds)
-    parts = [(whole // 3600, "h"), (whole % 3600 // 60, "m"), (whole % 60, "s")]
-    return " ".join(f"{n}{unit}" for n, unit in parts if n) or "0s"
 
 
 # --- YAML with lines -------------------------------------------------------

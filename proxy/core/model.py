@@ -21,7 +21,15 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 from proxy.core.codes import qtype_number
 from proxy.core.faults import FaultSpec
 from proxy.core.schedule import check_cron, check_timezone
-from proxy.core.spec import Base, Cidr, Duration, OneOrMany, Probability, StrList
+from proxy.core.spec import (
+    Base,
+    Cidr,
+    Duration,
+    OneOrMany,
+    Probability,
+    StrList,
+    format_duration,
+)
 from proxy.core.spec import parse_duration as parse_duration  # re-exported for the CLI
 
 # --- selectors -------------------------------------------------------------
@@ -245,3 +253,18 @@ class Scenario(Base):
 
 
 Match.model_rebuild()  # `all`, `any`, `not` nest matches
+
+def wanted_length(scenario: Scenario, max_duration: float | None = None) -> float:
+    """How long a run would last without max_run_duration: the request's
+    max_duration, else the scenario's, else its total length."""
+    if max_duration is not None:
+        return max_duration
+    return scenario.max_duration if scenario.max_duration is not None else scenario.total_duration
+
+
+def cap_warning(what: str, wanted: float | None, cap: float) -> str | None:
+    """The warning when `what`, asked to last `wanted` seconds, is cut to `cap`."""
+    if wanted is None or wanted <= cap:
+        return None
+    return (f"{what} asks for {format_duration(wanted)} but max_run_duration is "
+            f"{format_duration(cap)}: it stops after {format_duration(cap)}")

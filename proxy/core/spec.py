@@ -37,6 +37,15 @@ def parse_duration(value: Any) -> float:
     raise ValueError(f"invalid duration {value!r}: write e.g. '150ms', '30s', '5m', '2h'")
 
 
+def format_duration(seconds: float) -> str:
+    """3720 -> '1h 2m', 0.15 -> '150ms': the way durations are written in files."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    whole = round(seconds)
+    parts = [(whole // 3600, "h"), (whole % 3600 // 60, "m"), (whole % 60, "s")]
+    return " ".join(f"{n}{unit}" for n, unit in parts if n) or "0s"
+
+
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),

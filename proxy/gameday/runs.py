@@ -29,7 +29,7 @@ from functools import partial
 from typing import Any
 
 from proxy.core.engine import Engine
-from proxy.core.model import Rule, Scenario
+from proxy.core.model import Rule, Scenario, cap_warning, wanted_length
 from proxy.core.schedule import Scheduler, format_time, next_start, parse_time
 from proxy.gameday.catalog import Catalog, Changes
 from proxy.gameday.probes import Checker, ProbeMonitor, check
@@ -43,7 +43,6 @@ from proxy.gameday.records import (
     rule_run,
 )
 from proxy.gameday.report import build_report, write_report
-from proxy.loader import cap_warning, wanted_length
 
 log = logging.getLogger("dnschaos.gameday")
 
