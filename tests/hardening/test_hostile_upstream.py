@@ -56,10 +56,14 @@ def test_only_wrong_ids_give_servfail_at_the_deadline(start_proxy, fake_upstream
     fake = fake_upstream(wrong_id(answer_a(POISON)))
     proxy = start_proxy("--timeout", "0.5s", "--deadline", "1s", upstreams=[fake])
     before = _discarded(proxy, "unknown_id")
+    at_deadline = proxy.metric("dnschaos_servfail_sent_total", reason="deadline")
     start = time.monotonic()
     reply = udp(make_query("only-wrong.example.test.", "A"), proxy.host, proxy.port, timeout=3)
     took = time.monotonic() - start
     assert reply.rcode() == dns.rcode.SERVFAIL and not reply.answer
+    # The deadline's SERVFAIL: it waited (>= 0.9 s) and came (the upper bound,
+    # 2x the deadline, only says "not never" and cannot fail on a slow machine).
+    assert proxy.metric("dnschaos_servfail_sent_total", reason="deadline") == at_deadline + 1
     assert 0.9 <= took < 2.0
     assert _discarded(proxy, "unknown_id") - before == 2  # one per attempt
 
