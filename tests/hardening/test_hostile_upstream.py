@@ -7,6 +7,7 @@ another address never get past the kernel (connected sockets)."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import time
@@ -180,8 +181,10 @@ def test_forged_replies_from_another_address_never_reach_the_client(start_proxy,
             except BlockingIOError:
                 pass
         forge_time = time.monotonic() - start
+        # Every forgery went out while the proxy still waited: no answer yet.
+        answered_early = select.select([client], [], [], 0)[0]
         reply = dns.message.from_wire(client.recv(65535))
-    assert forge_time < 1.5, f"forging took {forge_time:.2f} s: the real answer came first"
+    assert not answered_early, f"forging took {forge_time:.2f} s: the real answer came first"
     assert sent >= 65000
     assert addresses(reply) == {REAL}, reply
     counted = _discarded(proxy, "unknown_id") + _discarded(proxy, "wrong_question") - before
