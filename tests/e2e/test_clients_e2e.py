@@ -162,7 +162,7 @@ def test_dig_delay_shows_in_query_time(dns53, proxy, unbound):
     direct = _dig(unbound, h(40), "A")
     assert_same_reply(slow.message, direct.message)
     fast = _dig(dns53, h(41), "A")
-    assert _query_time_ms(fast) < 300, fast.stdout
+    assert _query_time_ms(fast) < _query_time_ms(slow), (fast.stdout, slow.stdout)
     _dig_unaffected(proxy, unbound, h(41), "A")
 
 
