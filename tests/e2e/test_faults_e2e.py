@@ -392,7 +392,9 @@ def test_delayed_queries_are_released_when_the_scenario_ends(start_proxy, unboun
     results = {}
 
     def held(name):
-        results[name] = timed_ask(proxy, name, timeout=6.0)
+        # The client gives up before the 5 s delay ends: an answer at all
+        # says the scenario's end released it.
+        results[name] = timed_ask(proxy, name, timeout=4.0)
         results[name] += (time.time(),)
 
     threads = [threading.Thread(target=held, args=(name,)) for name in (h(1), h(2))]
@@ -401,9 +403,10 @@ def test_delayed_queries_are_released_when_the_scenario_ends(start_proxy, unboun
     for thread in threads:
         thread.join()
     for name in (h(1), h(2)):
+        assert name in results, f"{name} not released"
         reply, elapsed, answered_at = results[name]
         assert_same_reply(reply, ask(unbound, name))
-        assert slow.end - 0.05 <= answered_at < slow.end + 1.0, (name, answered_at - slow.end)
+        assert answered_at >= slow.end - 0.05, (name, answered_at - slow.end)
 
 
 # --- stale ------------------------------------------------------------------------------
