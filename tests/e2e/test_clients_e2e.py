@@ -162,7 +162,7 @@ def test_dig_delay_shows_in_query_time(dns53, proxy, unbound):
     direct = _dig(unbound, h(40), "A")
     assert_same_reply(slow.message, direct.message)
     fast = _dig(dns53, h(41), "A")
-    assert _query_time_ms(fast) < 300, fast.stdout
+    assert _query_time_ms(fast) < _query_time_ms(slow), (fast.stdout, slow.stdout)
     _dig_unaffected(proxy, unbound, h(41), "A")
 
 
@@ -241,12 +241,15 @@ def test_glibc_getaddrinfo(resolv):
         elif not got.ok or got.addresses != EXPECTED_ADDRESSES[name]:
             problems.append(f"{name}: {got}, want {EXPECTED_ADDRESSES[name]}")
     assert not problems, "\n".join(problems)
-    # Timing: the delay shows; the timeouts took glibc's 1 s; the rest is quick.
-    assert results[bare(h(40))].elapsed >= 0.35
+    # Timing: the delay shows; the timeouts took glibc's 1 s; the rest is
+    # quick: done before the 400 ms delayed lookup started with them (no
+    # glibc retry, which would take its 1 s timeout).
+    delayed = results[bare(h(40))].elapsed
+    assert delayed >= 0.35
     for name in (h(30), h(91), h(92), h(94), h(95)):
         assert results[bare(name)].elapsed >= 0.9, (name, results[bare(name)])
     for name in (h(1), h(10), h(20), h(50)):
-        assert results[bare(name)].elapsed < 0.35, (name, results[bare(name)])
+        assert results[bare(name)].elapsed < delayed, (name, results[bare(name)], delayed)
 
 
 def test_getent_exit_codes(resolv):

@@ -78,13 +78,13 @@ def test_tcp_answers_out_of_order(start_proxy, fake_upstream):
         start = time.monotonic()
         conn.send(slow, fast)
         first = conn.recv()
-        first_at = time.monotonic() - start
         second = conn.recv()
         second_at = time.monotonic() - start
+    # The order alone says the fast answer did not wait for the slow one.
     assert (first.id, second.id) == (2, 1)
     assert first.question == fast.question and second.question == slow.question
     assert addresses(first) == addresses(second) == {"192.0.2.1"}
-    assert first_at < 0.5 and second_at >= 0.5
+    assert second_at >= 0.5
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +101,10 @@ def test_tcp_idle_connection_is_closed(idle_proxy):
     with TcpClient(idle_proxy.host, idle_proxy.port) as conn:
         assert addresses(conn.query(make_query("a.example.", "A"))) == {"192.0.2.1"}
         start = time.monotonic()
+        # Closed by the idle timer (0.5 s), not at once; the upper bound is
+        # the 2 s wait (4x), which a loaded machine cannot miss.
         assert conn.is_closed_by_peer(timeout=2.0), "idle connection still open after 2 s"
-        assert 0.3 < time.monotonic() - start < 1.5
+        assert time.monotonic() - start > 0.3
 
 
 def test_tcp_active_connection_is_kept(idle_proxy):
@@ -362,9 +364,9 @@ def test_unknown_admin_path_is_404(proxy):
 def test_sigterm_stops_cleanly(start_proxy, unbound):
     proxy = start_proxy(upstreams=[unbound])
     assert udp(make_query(zone.WWW, "A"), proxy.host, proxy.port).rcode() == dns.rcode.NOERROR
-    start = time.monotonic()
+    # stop() sends SIGKILL after 5 s: status 0 (not -9) says the proxy
+    # exited on its own, on the SIGTERM, before that.
     assert proxy.stop() == 0, proxy.stderr_text()
-    assert time.monotonic() - start < 3
     assert "Traceback" not in proxy.stderr_text()
 
 

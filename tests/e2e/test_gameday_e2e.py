@@ -81,9 +81,9 @@ def test_stop_releases_delayed_queries_and_is_idempotent(gameday):
     got: dict = {}
 
     def ask():
-        start = time.monotonic()
+        # The client gives up after 10 s, before the 20 s delay: a reply at
+        # all says the stop released the query.
         got["reply"] = udp(make_query(zone.WWW, "A"), proxy.host, proxy.port, timeout=10)
-        got["elapsed"] = time.monotonic() - start
 
     thread = threading.Thread(target=ask)
     thread.start()
@@ -91,8 +91,8 @@ def test_stop_releases_delayed_queries_and_is_idempotent(gameday):
                interval=0.05)
     assert api(proxy, "POST", f"/api/runs/{run['run']}/stop", {"reason": "enough"}) == (
         200, {"stopped": [run["run"]]})
-    thread.join(10)
-    assert got["elapsed"] < 5  # released at the stop, not after the 20 s delay
+    thread.join(15)
+    assert "reply" in got, "not released by the stop"
     assert addresses(got["reply"]) == set(zone.WWW_A)
     assert api(proxy, "POST", f"/api/runs/{run['run']}/stop", {}) == (200, {"stopped": []})
     _, report = api(proxy, "GET", f"/api/reports/{run['run']}")

@@ -58,9 +58,12 @@ def matched(proxy, rule: str) -> float:
 
 
 def ask_in_background(proxy, name: str, got: dict) -> threading.Thread:
+    """The client gives up after 15 s, before a 20 s delay would end: got[name]
+    set at all says a query held that long was released."""
+
     def ask() -> None:
         begin = time.monotonic()
-        reply = udp(make_query(name, "A"), proxy.host, proxy.port, timeout=25)
+        reply = udp(make_query(name, "A"), proxy.host, proxy.port, timeout=15)
         got[name] = (reply, time.monotonic() - begin)
 
     thread = threading.Thread(target=ask)
@@ -87,11 +90,11 @@ def test_ending_one_run_releases_only_its_own_held_queries(proxy):
     # Not released: A kept its delay and its fault.
     reply, elapsed = got[HELD_A]
     assert reply.rcode() == SF and elapsed >= 2.9, (dns.rcode.to_text(reply.rcode()), elapsed)
-    # Released: forwarded unfaulted, long before their 20 s.
+    # Released: forwarded unfaulted, before their 20 s (answered at all).
     for name, index in ((HELD_C, 22), (HELD_B, 23)):
-        reply, elapsed = got[name]
+        assert name in got, f"{name} not released"
+        reply, _ = got[name]
         assert reply.rcode() == OK and addresses(reply) == {zone.host_address(index)}
-        assert elapsed < 10, (name, elapsed)
     assert got[HELD_C][1] < got[HELD_B][1]  # the pause came first, then the expiry
     assert api(proxy, "GET", "/api/rules")[1]["rules"] == []
 

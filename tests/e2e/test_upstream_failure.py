@@ -59,9 +59,12 @@ def test_dead_first_upstream_still_answered_in_time(dead_first, unbound, transpo
     proxy, _ = dead_first
     send = TRANSPORTS[transport]
     query = make_query(zone.CNAME_HEAD, "A")
-    reply, elapsed = timed(send, query, proxy)
-    assert elapsed < DEADLINE, f"answered after {elapsed:.2f} s"
+    timeouts = proxy.metric("dnschaos_upstream_timeouts_total")
+    reply, _ = timed(send, query, proxy)
+    # In time: the real answer, not the deadline's SERVFAIL, and the dead
+    # upstream's error moved the query on without waiting out an attempt.
     assert_same_reply(reply, send(query, unbound.host, unbound.port))
+    assert proxy.metric("dnschaos_upstream_timeouts_total") == timeouts
 
 
 def test_dead_upstream_is_marked_down_and_skipped(dead_first, unbound):
@@ -78,21 +81,24 @@ def test_dead_upstream_is_marked_down_and_skipped(dead_first, unbound):
     assert proxy.metric("dnschaos_upstream_timeouts_total", upstream=dead) == 0
     # Now tried last: answers come without asking the dead one first.
     asked = proxy.metric("dnschaos_upstream_requests_total", upstream=dead)
-    reply, elapsed = timed(udp, make_query(zone.WWW, "A"), proxy)
+    timeouts = proxy.metric("dnschaos_upstream_timeouts_total")
+    reply, _ = timed(udp, make_query(zone.WWW, "A"), proxy)
     assert addresses(reply) == set(zone.WWW_A)
     assert proxy.metric("dnschaos_upstream_requests_total", upstream=dead) == asked, \
         "the down upstream was still tried first"
-    assert elapsed < 0.25
+    assert proxy.metric("dnschaos_upstream_timeouts_total") == timeouts
 
 
 def test_dead_second_upstream_costs_nothing(start_proxy, unbound):
     dead = dead_upstream()
     proxy = start_proxy(*FAST, upstreams=[unbound, dead])
     query = make_query(zone.WWW, "AAAA")
-    reply, elapsed = timed(udp, query, proxy)
-    assert elapsed < 0.25
+    reply, _ = timed(udp, query, proxy)
     assert_same_reply(reply, udp(query, unbound.host, unbound.port))
+    # Costs nothing: the dead one got no attempt, and no attempt timed out.
     assert proxy.metric("dnschaos_upstream_requests_total", upstream=dead) == 0
+    assert proxy.metric("dnschaos_upstream_requests_total", upstream=unbound.hostport) >= 1
+    assert proxy.metric("dnschaos_upstream_timeouts_total") == 0
 
 
 # --- unreachable: ICMP port unreachable ----------------------------------------------
@@ -121,9 +127,10 @@ def test_unreachable_upstream_is_skipped_at_once(start_proxy, unbound):
                         config={"down_time": 0})
     assert wait_until(lambda: proxy.metric("dnschaos_upstream_up", upstream=dead) == 1)
     query = make_query(zone.WWW, "A")
-    reply, elapsed = timed(udp, query, proxy, timeout=SLOW_TIMEOUT * 3)
+    # The client gives up after one attempt timeout: waiting it out in the
+    # proxy would end in dns.exception.Timeout here (and a timeout counted).
+    reply, _ = timed(udp, query, proxy, timeout=SLOW_TIMEOUT)
     assert_same_reply(reply, udp(query, unbound.host, unbound.port))
-    assert elapsed < SLOW_TIMEOUT / 2, f"answered after {elapsed:.2f} s: waited for a timeout"
     assert proxy.metric("dnschaos_upstream_requests_total", upstream=dead) == 1
     assert proxy.metric("dnschaos_upstream_errors_total", upstream=dead) >= 1
     assert proxy.metric("dnschaos_upstream_timeouts_total", upstream=dead) == 0
@@ -142,9 +149,9 @@ def test_all_unreachable_servfail_after_the_attempts_without_a_storm(start_proxy
     dead = [dead_upstream(), dead_upstream()]
     proxy = start_proxy(*SLOW, "--policy", "sequential", upstreams=dead)
     query = make_query(zone.WWW, "A")
-    reply, elapsed = timed(udp, query, proxy, timeout=SLOW_TIMEOUT * 3)
+    # Answered before one attempt timeout (the client's timer): no attempt waited out.
+    reply, _ = timed(udp, query, proxy, timeout=SLOW_TIMEOUT)
     _assert_servfail_for(reply, query)
-    assert elapsed < SLOW_TIMEOUT / 2, f"SERVFAIL after {elapsed:.2f} s"
     time.sleep(0.3)
     sent = [proxy.metric("dnschaos_upstream_requests_total", upstream=u) for u in dead]
     assert sent == [1, 1], "one attempt each, no retry storm"
@@ -191,7 +198,8 @@ def test_all_upstreams_closed_servfail_by_deadline(all_closed):
     results = concurrently([(send, query, all_closed) for send, query in queries])
     for (send, query), (reply, elapsed) in zip(queries, results, strict=True):
         _assert_servfail_for(reply, query)
-        assert elapsed < DEADLINE + 0.5, f"SERVFAIL after {elapsed:.2f} s over {send.__name__}"
+        # SERVFAIL at the deadline, not never; 2x so a loaded machine cannot fail it.
+        assert elapsed < 2 * DEADLINE, f"SERVFAIL after {elapsed:.2f} s over {send.__name__}"
     status, health = all_closed.health()
     assert status == 503 and health["status"] == "degraded"
     assert set(health["upstreams"].values()) == {"down"}
@@ -200,12 +208,16 @@ def test_all_upstreams_closed_servfail_by_deadline(all_closed):
 
 def test_all_upstreams_silent_servfail_by_deadline(all_silent):
     proxy, fakes = all_silent
+    by_deadline = proxy.metric("dnschaos_servfail_sent_total", reason="deadline")
     queries = [(send, make_query(zone.WWW, "A", do=True)) for send in (udp, tcp)]
     results = concurrently([(send, query, proxy) for send, query in queries])
     for (send, query), (reply, elapsed) in zip(queries, results, strict=True):
         _assert_servfail_for(reply, query)
         assert reply.ednsflags & dns.flags.DO
-        assert elapsed < DEADLINE + 0.5, f"SERVFAIL after {elapsed:.2f} s over {send.__name__}"
+        # SERVFAIL at the deadline, not never; 2x so a loaded machine cannot fail it.
+        assert elapsed < 2 * DEADLINE, f"SERVFAIL after {elapsed:.2f} s over {send.__name__}"
+    assert proxy.metric("dnschaos_servfail_sent_total",
+                        reason="deadline") == by_deadline + len(queries)
     assert all(f.count() >= 2 for f in fakes), "both upstreams should have been tried"
 
 
@@ -242,11 +254,14 @@ def test_bad_reply_is_discarded_and_next_upstream_answers(bad_then_good, unbound
     fake.clear()
     discarded = proxy.metric("dnschaos_upstream_replies_discarded_total")
     by_reason = proxy.metric("dnschaos_upstream_replies_discarded_total", reason=reason)
+    asked = proxy.metric("dnschaos_upstream_requests_total", upstream=unbound.hostport)
     send = TRANSPORTS[transport]
     query = make_query(zone.WWW, "A")
-    reply, elapsed = timed(send, query, proxy)
+    reply, _ = timed(send, query, proxy)
+    # The next upstream's answer (not the deadline's SERVFAIL), from one attempt.
     assert_same_reply(reply, send(query, unbound.host, unbound.port))
-    assert elapsed < DEADLINE
+    assert proxy.metric("dnschaos_upstream_requests_total",
+                        upstream=unbound.hostport) == asked + 1
     assert fake.count() == 1, "the bad upstream should have been asked first"
     assert proxy.metric("dnschaos_upstream_replies_discarded_total") == discarded + 1
     if bad != "garbage":  # random bytes could, rarely, start with the pending ID
@@ -255,7 +270,7 @@ def test_bad_reply_is_discarded_and_next_upstream_answers(bad_then_good, unbound
 
 
 @pytest.mark.parametrize("first", ["wrong-id", "wrong-question"])
-def test_wrong_reply_then_right_one_is_answered_at_once(bad_then_good, first):
+def test_wrong_reply_then_right_one_is_answered_at_once(bad_then_good, unbound, first):
     """A forged or stray reply does not end the wait: the upstream's real
     reply, arriving just after, is the one the client gets."""
     proxy, fake = bad_then_good
@@ -264,11 +279,13 @@ def test_wrong_reply_then_right_one_is_answered_at_once(bad_then_good, first):
                     else wrong_question(right, then_right=True))
     discarded = proxy.metric("dnschaos_upstream_replies_discarded_total")
     timeouts = proxy.metric("dnschaos_upstream_timeouts_total")
-    reply, elapsed = timed(udp, make_query("anything.example.", "A"), proxy)
+    asked = proxy.metric("dnschaos_upstream_requests_total", upstream=unbound.hostport)
+    reply, _ = timed(udp, make_query("anything.example.", "A"), proxy)
     assert addresses(reply) == {"192.0.2.99"}
     assert proxy.metric("dnschaos_upstream_timeouts_total") == timeouts, \
         "the right reply should not wait for a timeout"
-    assert elapsed < 0.25
+    assert proxy.metric("dnschaos_upstream_requests_total",
+                        upstream=unbound.hostport) == asked, "no second attempt"
     assert proxy.metric("dnschaos_upstream_replies_discarded_total") == discarded + 1
 
 
@@ -278,8 +295,8 @@ def test_upstream_rcodes_are_passed_through(bad_then_good):
     for rcode in (dns.rcode.SERVFAIL, dns.rcode.REFUSED, dns.rcode.NXDOMAIN):
         fake.handler = lambda got, rcode=rcode: reply_to(got.message, rcode=rcode, aa=False)
         timeouts = proxy.metric("dnschaos_upstream_timeouts_total")
-        reply, elapsed = timed(udp, make_query("x.example.", "A"), proxy)
-        assert reply.rcode() == rcode and elapsed < 0.25
+        reply, _ = timed(udp, make_query("x.example.", "A"), proxy)
+        assert reply.rcode() == rcode
         assert proxy.metric("dnschaos_upstream_timeouts_total") == timeouts, "not retried"
 
 
@@ -297,7 +314,9 @@ def test_truncated_reply_with_tcp_refused_gives_servfail_to_tcp_client(start_pro
         query = make_query("big.example.", "TXT")
         reply, elapsed = timed(tcp, query, proxy)
         _assert_servfail_for(reply, query)
-        assert elapsed < DEADLINE + 0.5
+        # In time, not never; 2x so a loaded machine cannot fail it (the
+        # metric below says why it came).
+        assert elapsed < 2 * DEADLINE
         reply, _ = timed(udp, query, proxy)
         assert reply.flags & dns.flags.TC and reply.rcode() == dns.rcode.NOERROR
         assert proxy.metric("dnschaos_servfail_sent_total", reason="tcp_retry_failed") == 1
@@ -306,7 +325,7 @@ def test_truncated_reply_with_tcp_refused_gives_servfail_to_tcp_client(start_pro
 def test_tcp_retry_after_truncation_respects_the_deadline(start_proxy, fake_upstream):
     """Two dead upstreams use half the deadline, the third answers TC over
     UDP and never answers over TCP: the TCP client's SERVFAIL must still come
-    by the deadline (+0.5 s)."""
+    at the deadline, not never."""
 
     def tc_then_hang(got):
         if got.transport == "tcp":
@@ -320,4 +339,8 @@ def test_tcp_retry_after_truncation_respects_the_deadline(start_proxy, fake_upst
     query = make_query("big.example.", "TXT")
     reply, elapsed = timed(tcp, query, proxy, timeout=5)
     _assert_servfail_for(reply, query)
-    assert elapsed < DEADLINE + 0.5, f"SERVFAIL after {elapsed:.2f} s"
+    # The hung TCP retry was cut (at the deadline) rather than waited on
+    # forever: a SERVFAIL for that reason, well inside a bound (2x the
+    # deadline) that a loaded machine cannot miss.
+    assert proxy.metric("dnschaos_servfail_sent_total", reason="tcp_retry_failed") == 1
+    assert elapsed < 2 * DEADLINE, f"SERVFAIL after {elapsed:.2f} s"

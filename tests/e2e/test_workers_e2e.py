@@ -132,16 +132,16 @@ def test_removing_a_delay_rule_releases_held_queries_in_every_worker(proxy):
     body = {"name": "www-slow", "match": {"name": zone.WWW},
             "fault": {"type": "delay", "delay": "20s"}}
     assert api(proxy, "POST", "/api/rules", body, token=None)[0] == 201
+    # The clients give up after 10 s, before the 20 s delay: an answer at all
+    # says the query was released by the removal.
     with ThreadPoolExecutor(8) as pool:
-        start = time.monotonic()
         held = [pool.submit(lambda: udp(make_query(zone.WWW, "A"), proxy.host, proxy.port,
                                         timeout=10).rcode()) for _ in range(8)]
         wait_until(lambda: proxy.metric("dnschaos_rule_matches_total", rule="www-slow") == 8,
                    timeout=5, what="8 queries held")
         assert not any(f.done() for f in held)
         assert api(proxy, "DELETE", "/api/rules/www-slow", token=None)[0] == 200
-        assert [f.result() for f in held] == [OK] * 8  # forwarded at once, unfaulted
-        assert time.monotonic() - start < 5
+        assert [f.result() for f in held] == [OK] * 8  # released, forwarded unfaulted
 
 
 def test_removing_one_delay_rule_keeps_another_rules_held_queries(proxy):
@@ -158,8 +158,10 @@ def test_removing_one_delay_rule_keeps_another_rules_held_queries(proxy):
         assert api(proxy, "POST", "/api/rules", body, token=None)[0] == 201
 
     def timed(name: str) -> tuple[int, float]:
+        # The client gives up after 15 s, before gone-slow's 20 s delay: an
+        # answer to it at all says it was released by the removal.
         start = time.monotonic()
-        reply = udp(make_query(name, "A"), proxy.host, proxy.port, timeout=25)
+        reply = udp(make_query(name, "A"), proxy.host, proxy.port, timeout=15)
         return reply.rcode(), time.monotonic() - start
 
     try:
@@ -171,7 +173,7 @@ def test_removing_one_delay_rule_keeps_another_rules_held_queries(proxy):
             assert api(proxy, "DELETE", "/api/rules/gone-slow", token=None)[0] == 200
             results = {name: [f.result() for f in futures] for name, futures in held.items()}
         assert all(rcode == SF and elapsed >= 2.9 for rcode, elapsed in results[kept]), results
-        assert all(rcode == OK and elapsed < 10 for rcode, elapsed in results[gone]), results
+        assert all(rcode == OK for rcode, _ in results[gone]), results
     finally:
         api(proxy, "POST", "/api/reset", {}, token=None)
 
