@@ -24,7 +24,7 @@ import pytest
 from support import zone
 from support.dnsutil import addresses, make_query, tcp, udp
 from support.fake_upstream import answer_a
-from support.net import free_port, hostport, ipv6_loopback_available
+from support.net import free_port, hostport, ipv6_loopback_available, poll, wait_until
 from support.procs import stop_process
 from support.proxy_process import REPO
 
@@ -107,14 +107,6 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
-def wait_for(check, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
-
 
 def assert_idle(procs, seconds: float = 3.0) -> list[float]:
     """Each process (a pid) used under 5 % of a core over `seconds`."""
@@ -138,7 +130,7 @@ def proxy_pair(start_proxy, *extra: str):
 def test_loop_through_another_proxy_is_found_and_does_not_storm(start_proxy, workers):
     a, b = proxy_pair(start_proxy, "--workers", str(workers))
     # Each worker finds it (the looped gauge says whether any did).
-    found = wait_for(lambda: a.metric("dnschaos_upstream_loops_total") >= workers)
+    found = poll(lambda: a.metric("dnschaos_upstream_loops_total") >= workers)
     sent_before = a.metric("dnschaos_upstream_requests_total", upstream=b.hostport)
     b_before = b.metric("dnschaos_queries_total")
     at_deadline = a.metric("dnschaos_servfail_sent_total", reason="deadline")
@@ -165,7 +157,7 @@ def test_loop_through_another_proxy_is_found_and_does_not_storm(start_proxy, wor
 
 def test_loop_probe_is_answered_not_forwarded_and_logged_once(start_proxy):
     a, b = proxy_pair(start_proxy)
-    assert wait_for(lambda: a.metric("dnschaos_upstream_looped") == 1)
+    wait_until(lambda: a.metric("dnschaos_upstream_looped") == 1)
     # A's probe reached A through B and was answered there: B forwarded it
     # once and got an answer, nothing went round again.
     time.sleep(0.5)
@@ -183,7 +175,7 @@ def test_a_looped_upstream_is_skipped_for_the_next(start_proxy, unbound):
     b = start_proxy(upstreams=[f"127.0.0.1:{back}"])
     a = start_proxy("--listen", f"127.0.0.1:{back}", "--policy", "round_robin",
                     upstreams=[b, unbound])
-    assert wait_for(lambda: a.metric("dnschaos_upstream_looped", upstream=b.hostport) == 1)
+    wait_until(lambda: a.metric("dnschaos_upstream_looped", upstream=b.hostport) == 1)
     assert a.metric("dnschaos_upstream_looped", upstream=unbound.hostport) == 0
     for _ in range(6):
         reply = udp(make_query(zone.WWW, "A"), a.host, a.port, timeout=5)
@@ -253,7 +245,7 @@ def test_loop_through_unbound_is_found(start_proxy, unbound_forwarding_to):
     back = free_port()
     forwarder = unbound_forwarding_to(back)
     a = start_proxy("--listen", f"127.0.0.1:{back}", upstreams=[forwarder])
-    found = wait_for(lambda: a.metric("dnschaos_upstream_looped", upstream=forwarder) == 1)
+    found = poll(lambda: a.metric("dnschaos_upstream_looped", upstream=forwarder) == 1)
     reply = udp(make_query(zone.WWW, "A"), a.host, a.port, timeout=5)
     assert_idle([a.pid])
     assert a.metric("dnschaos_upstream_requests_total", upstream=forwarder) <= ATTEMPTS
@@ -266,13 +258,13 @@ def test_looped_upstream_is_used_again_once_the_loop_is_gone(start_proxy, fake_u
     the next periodic probe (10 s) gets a real answer (NXDOMAIN), and A
     forwards to it again."""
     a, b = proxy_pair(start_proxy)
-    assert wait_for(lambda: a.metric("dnschaos_upstream_looped", upstream=b.hostport) == 1)
+    wait_until(lambda: a.metric("dnschaos_upstream_looped", upstream=b.hostport) == 1)
     b.stop()
     fake = fake_upstream(answer_a("192.0.2.7"), port=b.port)
     assert a.metric("dnschaos_upstream_looped", upstream=b.hostport) == 1
     assert udp(make_query(zone.WWW, "A"), a.host, a.port, timeout=5).rcode() == dns.rcode.SERVFAIL
-    assert wait_for(lambda: a.metric("dnschaos_upstream_looped", upstream=b.hostport) == 0,
-                    timeout=15)
+    wait_until(lambda: a.metric("dnschaos_upstream_looped", upstream=b.hostport) == 0,
+               timeout=15)
     reply = udp(make_query(zone.WWW, "A"), a.host, a.port, timeout=5)
     assert addresses(reply) == {"192.0.2.7"}
     assert fake.count() == 1

@@ -26,7 +26,7 @@ from support.fake_upstream import (
     wrong_id,
     wrong_question,
 )
-from support.net import closed_port, hostport
+from support.net import closed_port, hostport, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -107,14 +107,6 @@ SLOW = ("--timeout", "2", "--deadline", "4")  # two attempts of 2 s
 SLOW_TIMEOUT = 2.0
 
 
-def wait_until(check, timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
-
 
 def test_unreachable_upstream_is_skipped_at_once(start_proxy, unbound):
     """The first upstream's port is closed: its ICMP error sends the query to
@@ -125,7 +117,7 @@ def test_unreachable_upstream_is_skipped_at_once(start_proxy, unbound):
     dead = dead_upstream()
     proxy = start_proxy(*SLOW, "--policy", "sequential", upstreams=[dead, unbound],
                         config={"down_time": 0})
-    assert wait_until(lambda: proxy.metric("dnschaos_upstream_up", upstream=dead) == 1)
+    wait_until(lambda: proxy.metric("dnschaos_upstream_up", upstream=dead) == 1, timeout=3)
     query = make_query(zone.WWW, "A")
     # The client gives up after one attempt timeout: waiting it out in the
     # proxy would end in dns.exception.Timeout here (and a timeout counted).

@@ -66,18 +66,25 @@ def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 5.0,
-               interval: float = 0.02, what: str = "condition") -> object:
-    """Poll `predicate` until it returns something truthy; return that, or
-    raise AssertionError after `timeout` seconds."""
+def poll(predicate: Callable[[], object], timeout: float = 5.0,
+         interval: float = 0.02) -> object:
+    """Call `predicate` until it returns something truthy; return that, or
+    its last (falsy) value after `timeout` seconds."""
     end = time.monotonic() + timeout
     while True:
         value = predicate()
-        if value:
+        if value or time.monotonic() > end:
             return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0,
+               interval: float = 0.02, what: str = "condition") -> object:
+    """`poll`, raising AssertionError when the predicate never came true."""
+    value = poll(predicate, timeout, interval)
+    if not value:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return value
 
 
 class Endpoint:
