@@ -106,15 +106,19 @@ def local_view(forwarder: Traffic, engine: Any) -> MetricsView:
 EndedRuns = Callable[[float], list[Any]]
 """now -> the ended runs still to show (GameDay.ended_runs): each with run,
 scenario, dry_run, ended_at, stats and clients (the engine's rows as it ended)."""
+EndedErrors = Callable[[], int]
+"""The rule errors of every run the engine forgot (GameDay.ended_rule_errors)."""
 
 
 class ForwarderCollector(Collector):
     def __init__(self, read: Callable[[], MetricsView], settings: Settings,
                  clock: Callable[[], float] = time.time,
-                 ended: EndedRuns | None = None) -> None:
+                 ended: EndedRuns | None = None,
+                 ended_errors: EndedErrors = lambda: 0) -> None:
         self.read = read
         self.clock = clock
         self.ended = ended
+        self.ended_errors = ended_errors
         self.affected_window = settings.affected_window
         self.client_faults = ClientFaults(settings.client_groups, settings.client_label_cap)
 
@@ -187,7 +191,7 @@ class ForwarderCollector(Collector):
         yield _counter("dnschaos_engine_errors",
                        "Failures inside the fault engine or a rule's fault (the query or "
                        "answer went through unchanged); per rule in dnschaos_rule_errors_total.",
-                       s.engine_errors + fwd.engine_errors
+                       s.engine_errors + fwd.engine_errors + self.ended_errors()
                        + sum(row.get("errors", 0) for row in fwd.counts.stats()))
         yield _gauge("dnschaos_inflight_queries", "Queries waiting for an upstream.",
                      fwd.inflight)
@@ -398,8 +402,9 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def make_registry(read: Callable[[], MetricsView], settings: Settings,
                   clock: Callable[[], float] = time.time,
-                  ended: EndedRuns | None = None) -> CollectorRegistry:
+                  ended: EndedRuns | None = None,
+                  ended_errors: EndedErrors = lambda: 0) -> CollectorRegistry:
     """A registry whose one collector reads `read()` at every scrape."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ForwarderCollector(read, settings, clock, ended))
+    registry.register(ForwarderCollector(read, settings, clock, ended, ended_errors))
     return registry

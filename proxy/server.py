@@ -74,7 +74,8 @@ class Server:
         self._initial = start or []
         self._watch_stop: asyncio.Event | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self.registry = make_registry(read, settings, ended=self.gameday.ended_runs)
+        self.registry = make_registry(read, settings, ended=self.gameday.ended_runs,
+                                      ended_errors=lambda: self.gameday.ended_rule_errors)
         self.listeners: Listeners | None = None
         self.listen_addresses: list[str] = []  # with the real ports, once bound
         self.admin_address: str | None = None

@@ -82,6 +82,10 @@ class GameDay:
         self.skipped: list[dict[str, Any]] = []
         """Scheduled starts not made because the scenario's file was refused
         (the last KEEP_SKIPPED)."""
+        self.ended_rule_errors = 0
+        """Rule errors of every run the engine has forgotten since the start:
+        dnschaos_engine_errors_total adds them, so the counter never goes down
+        when a run ends."""
         self.ended: dict[str, EndedRun] = {}
         """Final counts of ended runs and removed ad hoc rules, oldest first,
         for `ended_run_retention` seconds after they ended (see ended_runs)."""
@@ -414,6 +418,7 @@ class GameDay:
     def _keep_ended(self, run_id: str, scenario: str, dry_run: bool, ended_at: float,
                     stats: list[dict[str, Any]], clients: list[dict[str, Any]]) -> None:
         self.ended.pop(run_id, None)
+        self.ended_rule_errors += sum(int(row.get("errors", 0)) for row in stats)
         slim = [{k: v for k, v in row.items() if k not in ("names", "faulted")} for row in clients]
         self.ended[run_id] = EndedRun(run_id, scenario, dry_run, ended_at, stats, slim)
         self._expire_ended(self.clock())

@@ -382,3 +382,43 @@ def test_ended_run_retention_setting_and_flag() -> None:
     args = build_parser().parse_args(["run", "--upstream", "127.0.0.1:53",
                                       "--ended-run-retention", "90s"])
     assert load_settings(args).ended_run_retention == 90.0
+
+
+def test_engine_errors_total_does_not_go_down_when_a_run_ends() -> None:
+    """A rule's errors count in dnschaos_engine_errors_total while its run
+    lives and after the engine forgets it, past the retention too: a
+    Prometheus counter never goes down."""
+    now = [NOW]
+    engine = Engine()
+    gd = GameDay(engine, clock=lambda: now[0], ended_run_retention=60.0)
+    gd.add_scenario(load_scenario_text(SCENARIO))
+    registry = make_registry(lambda: view(engine), Settings(), clock=lambda: now[0],
+                             ended=gd.ended_runs, ended_errors=lambda: gd.ended_rule_errors)
+
+    def errors_total() -> float:
+        text = generate_latest(registry).decode()
+        return value({(s.name, frozenset(s.labels.items())): s.value
+                      for family in text_string_to_metric_families(text)
+                      for s in family.samples}, "dnschaos_engine_errors_total")
+
+    def boom(*args: object) -> None:
+        raise RuntimeError("a bug in a fault")
+
+    wire = dns.message.make_query("www.example.test.", "A").to_wire()
+    assert errors_total() == 0
+    runs = []
+    for expected in (2, 4):
+        run = gd.start("gd")
+        runs.append(run.id)
+        (rule,) = engine.rules(run.id)
+        rule.fault.apply = boom  # type: ignore[method-assign]
+        for _ in range(2):  # fails open: forwarded unchanged
+            assert engine.on_query(QueryView.parse(wire, "10.1.2.7", "udp"), now[0],
+                                   Random(0)) is None
+        assert errors_total() == expected  # counted while the run lives
+        now[0] += 1
+        gd.stop(run.id)
+        assert engine.get_run(run.id) is None
+        assert errors_total() == expected  # and after the engine forgot it
+    now[0] += 3600  # past the retention: the runs' series are gone, the total stays
+    assert errors_total() == 4
