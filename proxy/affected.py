@@ -27,6 +27,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from proxy.core.query import client_address
+
 OTHER = "other"
 """The label value of clients past the cap (and of the engine's own overflow)."""
 
@@ -60,11 +62,9 @@ class ClientGroups:
         if client == OTHER or not (self._v4 or self._v6):
             return client
         try:
-            address = ipaddress.ip_address(client.split("%")[0])
+            address = client_address(client)  # ::ffff:10.1.2.3 is 10.1.2.3
         except ValueError:
             return client
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # ::ffff:10.1.2.3 is 10.1.2.3
         for network, name in (self._v4 if address.version == 4 else self._v6):
             if address in network:
                 return name

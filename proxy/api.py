@@ -65,9 +65,6 @@ def who(request: web.Request) -> str:
     return f"{user} (token)" if request.get("authenticated") else user
 
 
-OPEN = ("/health", "/metrics")
-
-
 def auth_middleware(audit: AuditLog | None, token: str | None, *, reads_need_token: bool,
                     metrics_need_token: bool = False) -> Any:
     """Which requests need `Authorization: Bearer TOKEN`: with a token,

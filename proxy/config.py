@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
+from proxy.core.query import client_address
 from proxy.core.spec import Base, Cidr, Duration, parse_duration
 from proxy.errors import ConfigError
 
@@ -56,17 +57,10 @@ def _hostport(default_port: int):
     return check
 
 
-def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    address = ipaddress.ip_address(host.split("%")[0])
-    if address.version == 6 and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
-
-
 def is_local_address(host: str) -> bool:
     """Whether `host` is an address of this machine: loopback, unspecified
     (sending to it reaches this machine), or one a socket can bind to."""
-    address = _address(host)
+    address = client_address(host)
     if address.is_loopback or address.is_unspecified:
         return True
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
@@ -88,7 +82,7 @@ def listener_receives(listen: str, upstream: str) -> bool:
     up_host, up_port = split_hostport(upstream, 53)
     if listen_port != up_port or listen_port == 0:
         return False
-    here, there = _address(listen_host), _address(up_host)
+    here, there = client_address(listen_host), client_address(up_host)
     if there.is_unspecified:  # the kernel sends that to loopback
         there = ipaddress.ip_address("127.0.0.1" if there.version == 4 else "::1")
     if here.is_unspecified:

@@ -58,7 +58,7 @@ from typing import Any
 from proxy.config import Settings, split_hostport
 from proxy.core import wire
 from proxy.core.engine import Engine
-from proxy.core.query import QueryView
+from proxy.core.query import QueryView, client_address
 from proxy.core.replies import header_reply, rcode_reply
 from proxy.core.verdict import Drop, Forward, Reply
 from proxy.errors import DnschaosError, MalformedQuery
@@ -185,9 +185,9 @@ class Forwarder(LoopProbes):
         except MalformedQuery as exc:
             self._malformed(data, addr, reply_to, tcp, exc)
             return
-        self.stats.qtypes[wire.qtype_of(data, qend)] += 1
-        if data[qend - 3] == HINFO and not data[qend - 4] and self._own_probe(
-                data, qend, addr, reply_to, listener):
+        qtype = wire.qtype_of(data, qend)
+        self.stats.qtypes[qtype] += 1
+        if qtype == HINFO and self._own_probe(data, qend, addr, reply_to, listener):
             return
         if addr[0] in self._upstream_hosts:
             self._from_upstreams += 1  # a loop, or a client beside the upstream
@@ -497,12 +497,10 @@ class Forwarder(LoopProbes):
 
     def _acl_check(self, ip: str) -> bool:
         try:
-            address = ipaddress.ip_address(ip.split("%")[0])
+            address = client_address(ip)
         except ValueError:
             allowed = False
         else:
-            if address.version == 6 and address.ipv4_mapped:
-                address = address.ipv4_mapped
             allowed = any(address in net for net in self._allowed)
         if len(self._acl_cache) >= 65536:
             self._acl_cache.clear()

@@ -18,7 +18,7 @@ from typing import Any
 
 from proxy.core import wire
 from proxy.stats import Stats
-from proxy.upstreams import Upstream, same_question
+from proxy.upstreams import Upstream, answers
 
 log = logging.getLogger("dnschaos.forwarder")
 
@@ -28,7 +28,6 @@ SUSPICIOUS = 64  # queries from upstreams' addresses in one sweep that start a p
 PROBE_LABEL = b"dnschaos-loop"
 PROBE_SUFFIX = bytes([len(PROBE_LABEL)]) + PROBE_LABEL + b"\x00"
 HINFO = 13
-_QR_BIT = wire.QR
 
 
 class LoopProbes:
@@ -97,8 +96,7 @@ class LoopProbes:
 
     def probe_answered(self, upstream: Upstream, reply: bytes) -> None:
         question = upstream.probes.pop(reply[:2])
-        if not (len(reply) >= 12 and reply[2] & _QR_BIT and (
-                reply.startswith(question, 12) or same_question(reply, question))):
+        if not answers(reply, question):
             self.stats.mismatched_replies += 1
             return
         if self._probe_marker in reply:

@@ -103,22 +103,25 @@ def local_view(forwarder: Traffic, engine: Any) -> MetricsView:
                        engine_errors=int(engine.errors))
 
 
-EndedRuns = Callable[[float], list[Any]]
-"""now -> the ended runs still to show (GameDay.ended_runs): each with run,
-scenario, dry_run, ended_at, stats and clients (the engine's rows as it ended)."""
-EndedErrors = Callable[[], int]
-"""The rule errors of every run the engine forgot (GameDay.ended_rule_errors)."""
+class EndedRuns(Protocol):
+    """What the game day keeps of the runs the engine has forgotten (GameDay)."""
+
+    ended_rule_errors: int
+    """The rule errors of every run the engine forgot."""
+
+    def ended_runs(self, now: float) -> list[Any]:
+        """The ended runs still to show: each with run, scenario, dry_run,
+        ended_at, stats and clients (the engine's rows as it ended)."""
+        ...
 
 
 class ForwarderCollector(Collector):
     def __init__(self, read: Callable[[], MetricsView], settings: Settings,
                  clock: Callable[[], float] = time.time,
-                 ended: EndedRuns | None = None,
-                 ended_errors: EndedErrors = lambda: 0) -> None:
+                 ended: EndedRuns | None = None) -> None:
         self.read = read
         self.clock = clock
         self.ended = ended
-        self.ended_errors = ended_errors
         self.affected_window = settings.affected_window
         self.client_faults = ClientFaults(settings.client_groups, settings.client_label_cap)
 
@@ -191,7 +194,8 @@ class ForwarderCollector(Collector):
         yield _counter("dnschaos_engine_errors",
                        "Failures inside the fault engine or a rule's fault (the query or "
                        "answer went through unchanged); per rule in dnschaos_rule_errors_total.",
-                       s.engine_errors + fwd.engine_errors + self.ended_errors()
+                       s.engine_errors + fwd.engine_errors
+                       + (self.ended.ended_rule_errors if self.ended is not None else 0)
                        + sum(row.get("errors", 0) for row in fwd.counts.stats()))
         yield _gauge("dnschaos_inflight_queries", "Queries waiting for an upstream.",
                      fwd.inflight)
@@ -297,7 +301,7 @@ class ForwarderCollector(Collector):
         if self.ended is None:
             return []
         held = {str(row.get("run")) for row in engine.runs_info(now)}
-        return [run for run in self.ended(now) if run.run not in held]
+        return [run for run in self.ended.ended_runs(now) if run.run not in held]
 
     def _client_metrics(self, rows: list[dict[str, Any]], now: float) -> Iterator[Any]:
         window = self.affected_window
@@ -402,9 +406,8 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def make_registry(read: Callable[[], MetricsView], settings: Settings,
                   clock: Callable[[], float] = time.time,
-                  ended: EndedRuns | None = None,
-                  ended_errors: EndedErrors = lambda: 0) -> CollectorRegistry:
+                  ended: EndedRuns | None = None) -> CollectorRegistry:
     """A registry whose one collector reads `read()` at every scrape."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ForwarderCollector(read, settings, clock, ended, ended_errors))
+    registry.register(ForwarderCollector(read, settings, clock, ended))
     return registry

@@ -21,6 +21,18 @@ def setup_logging(level: str) -> None:
     )
 
 
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task and wait until it has ended, whatever it
+    ended with: at shutdown nothing is left to handle its failure."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):  # noqa: BLE001
+        pass
+
+
 def run_event_loop(main: Coroutine[Any, Any, T], use_uvloop: bool) -> T:
     if use_uvloop:
         return uvloop.run(main)

@@ -29,6 +29,7 @@ from proxy.gameday.runs import GameDay
 from proxy.gameday.watcher import watch
 from proxy.listeners import Listeners, probe_free
 from proxy.metrics import MetricsView, local_view, make_registry
+from proxy.runtime import cancel_and_wait
 from proxy.workers.pool import ACK_TIMEOUT, COUNT_PARTS, WorkerPool
 from proxy.workers.replication import CallLog, LoggedEngine
 from proxy.workers.view import PoolForwarder, WorkerCounts
@@ -74,8 +75,7 @@ class Server:
         self._initial = start or []
         self._watch_stop: asyncio.Event | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self.registry = make_registry(read, settings, ended=self.gameday.ended_runs,
-                                      ended_errors=lambda: self.gameday.ended_rule_errors)
+        self.registry = make_registry(read, settings, ended=self.gameday)
         self.listeners: Listeners | None = None
         self.listen_addresses: list[str] = []  # with the real ports, once bound
         self.admin_address: str | None = None
@@ -191,13 +191,8 @@ class Server:
         """End every run (reports written) and stop the watcher; idempotent."""
         if self._watch_stop is not None:
             self._watch_stop.set()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            try:
-                await self._watcher
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
-            self._watcher = None
+        await cancel_and_wait(self._watcher)
+        self._watcher = None
         if self.gameday.runs or self.gameday.rules:
             await self.refresh(("stats", "clients"))  # the reports' final counts
         await self.gameday.close()

@@ -121,6 +121,13 @@ class UpstreamSocket(asyncio.DatagramProtocol):
         self.forwarder.unreachable(self, exc)
 
 
+def answers(reply: bytes, question: bytes) -> bool:
+    """Whether `reply` is a response to `question` (ID aside).  The UDP reply
+    path (datagram_received) spells this out inline: it runs per query."""
+    return len(reply) >= 12 and bool(reply[2] & _QR_BIT) and (
+        reply.startswith(question, 12) or same_question(reply, question))
+
+
 def same_question(data: bytes, question: bytes) -> bool:
     """Same name ignoring ASCII case (some servers change it), same type and class."""
     end = 12 + len(question)
@@ -142,9 +149,7 @@ async def tcp_exchange(addr: tuple[str, int], query: bytes, question: bytes) -> 
         while True:
             (length,) = struct.unpack("!H", await reader.readexactly(2))
             reply = await reader.readexactly(length)
-            if reply[:2] == txid and len(reply) >= 12 and reply[2] & _QR_BIT and (
-                reply.startswith(question, 12) or same_question(reply, question)
-            ):
+            if reply[:2] == txid and answers(reply, question):
                 return reply
     except asyncio.IncompleteReadError:
         raise DnschaosError("upstream closed the TCP connection before answering") from None

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import NamedTuple
 
 from proxy.core import wire
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def client_address(text: str) -> Address:
+    """A client's address as the socket gives it ("10.1.2.3", "fe80::1%eth0",
+    "::ffff:10.1.2.3"), without its zone and with an IPv4-mapped address as
+    the IPv4 address it is (a dual-stack socket shows IPv4 clients so).
+    ValueError when it is no address."""
+    address = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
 
 
 class QueryView(NamedTuple):

@@ -28,7 +28,7 @@ from random import Random
 
 from proxy.core.codes import qtype_name, qtype_number
 from proxy.core.model import HashSample, Match, Ramp
-from proxy.core.query import QueryView
+from proxy.core.query import QueryView, client_address
 from proxy.core.sampling import hash_share
 
 Check = Callable[[QueryView], bool]
@@ -227,12 +227,9 @@ def _client_check(include: list[str] | None, exclude: list[str] | None) -> Check
 
     def decide(client: str) -> bool:
         try:
-            address = ipaddress.ip_address(client.split("%", 1)[0])
+            address = client_address(client)
         except ValueError:
             return False
-        # A dual-stack socket shows IPv4 clients as ::ffff:a.b.c.d.
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
         if inc is not None and not any(address in net for net in inc):
             return False
         return not any(address in net for net in exc)

@@ -43,6 +43,7 @@ from proxy.gameday.records import (
     rule_run,
 )
 from proxy.gameday.report import build_report, write_report
+from proxy.runtime import cancel_and_wait
 
 log = logging.getLogger("dnschaos.gameday")
 
@@ -484,13 +485,8 @@ class GameDay:
 
     async def close(self) -> None:
         """Shutdown: stop the loop, end every run (reports written), stop probes."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         monitors = [r.probes for r in self.runs.values() if r.probes is not None]
         for record in list(self.runs.values()):
             self._finish(record, "shutdown", "the proxy stopped")

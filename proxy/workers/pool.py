@@ -25,6 +25,7 @@ from typing import Any
 from proxy.config import DNS_PORT, Settings, format_hostport
 from proxy.errors import DnschaosError, ListenError
 from proxy.listeners import probe_free, reuse_socket
+from proxy.runtime import cancel_and_wait
 from proxy.workers.ipc import Channel
 from proxy.workers.merge import combine_forwarder
 from proxy.workers.replication import EngineLog, Entry
@@ -284,13 +285,8 @@ class WorkerPool:
         """Every worker drains and exits; whatever is left after `grace`
         seconds more than the drain is killed."""
         self.stopping = True
-        if self._monitor is not None:
-            self._monitor.cancel()
-            try:
-                await self._monitor
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
-            self._monitor = None
+        await cancel_and_wait(self._monitor)
+        self._monitor = None
         live = [h for h in self.handles if h is not None]
         for handle in live:
             handle.chan.send(("drain",))

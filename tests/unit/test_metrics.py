@@ -332,7 +332,7 @@ def test_ended_runs_series_stay_for_the_retention_then_go() -> None:
     gd = GameDay(engine, clock=lambda: now[0], ended_run_retention=600.0)
     gd.add_scenario(load_scenario_text(SCENARIO))
     registry = make_registry(lambda: view(engine), Settings(), clock=lambda: now[0],
-                             ended=gd.ended_runs)
+                             ended=gd)
 
     def scrape_now() -> dict[tuple[str, frozenset], float]:
         text = generate_latest(registry).decode()
@@ -393,7 +393,7 @@ def test_engine_errors_total_does_not_go_down_when_a_run_ends() -> None:
     gd = GameDay(engine, clock=lambda: now[0], ended_run_retention=60.0)
     gd.add_scenario(load_scenario_text(SCENARIO))
     registry = make_registry(lambda: view(engine), Settings(), clock=lambda: now[0],
-                             ended=gd.ended_runs, ended_errors=lambda: gd.ended_rule_errors)
+                             ended=gd)
 
     def errors_total() -> float:
         text = generate_latest(registry).decode()

@@ -7,7 +7,7 @@ from random import Random
 from typing import Annotated, Literal
 
 from dnslib import AAAA, CNAME, QTYPE, RR, A, DNSLabel
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from proxy.core import wire
 from proxy.core.faults.base import Fault, PhaseState
@@ -44,18 +44,12 @@ class SpoofFault(Base):
         parse_records(values, 60)  # raises ValueError naming the bad line
         return values
 
-    @field_validator("a")
+    @field_validator("a", "aaaa")
     @classmethod
-    def _ipv4(cls, values: list[str]) -> list[str]:
+    def _addresses(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        kind = ipaddress.IPv4Address if info.field_name == "a" else ipaddress.IPv6Address
         for value in values:
-            ipaddress.IPv4Address(value)
-        return values
-
-    @field_validator("aaaa")
-    @classmethod
-    def _ipv6(cls, values: list[str]) -> list[str]:
-        for value in values:
-            ipaddress.IPv6Address(value)
+            kind(value)
         return values
 
 
