@@ -35,10 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run", help="run the proxy",
         epilog="Each option is taken from, first to last: a flag, its DNSCHAOS_* environment "
-               "variable (DNSCHAOS_LISTEN, DNSCHAOS_UPSTREAMS, DNSCHAOS_ADMIN_LISTEN, "
-               "DNSCHAOS_ALLOW, DNSCHAOS_POLICY, DNSCHAOS_TIMEOUT, DNSCHAOS_DEADLINE, "
-               "DNSCHAOS_LOG_LEVEL, DNSCHAOS_ADMIN_TOKEN, DNSCHAOS_SCENARIO, "
-               "DNSCHAOS_TIME_SCALE; lists comma-separated), the config file, the default.")
+               f"variable ({', '.join([*ENV_SETTINGS, *ENV_RUN])}; lists comma-separated), "
+               "the config file, the default.")
     run.add_argument("--config",
                      help="YAML file with the same options as these flags "
                           "(default $DNSCHAOS_CONFIG)")
@@ -111,6 +109,8 @@ commands find that API through DNSCHAOS_API, a URL.)"""
 ENV_LISTS = ("listen", "upstreams", "allow")
 """Settings given in the environment as a list: comma- or space-separated."""
 ENV_CONFIG = "DNSCHAOS_CONFIG"
+ENV_RUN = ("DNSCHAOS_SCENARIO", "DNSCHAOS_TIME_SCALE")
+"""Variables for `dnschaos run`'s own flags --scenario and --time-scale (not settings)."""
 FLAG_SETTINGS = ("listen", "upstreams", "admin", "allow", "policy", "timeout", "deadline",
                  "log_level", "uvloop", "scenario_dir", "max_run_duration", "audit_log",
                  "report_dir", "workers", "metrics_auth", "ended_run_retention")

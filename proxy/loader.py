@@ -270,7 +270,7 @@ def _yaml_problem(exc: yaml.MarkedYAMLError, file: str) -> FieldProblem:
 
 def _pydantic_problems(exc: ValidationError, data: Any, lines: dict[Loc, int], file: str,
                        model: type[BaseModel],
-                       bools: dict[Loc, str] | None = None) -> list[FieldProblem]:
+                       bools: dict[Loc, str]) -> list[FieldProblem]:
     found: list[tuple[Loc, str, list[tuple[Loc, bool]], bool]] = []
     for error in exc.errors(include_url=False):
         path, unions, owner, target = _resolve(model, error["loc"])
@@ -281,7 +281,7 @@ def _pydantic_problems(exc: ValidationError, data: Any, lines: dict[Loc, int], f
             path = path + (_discriminator(error),)
         path = _existing(data, path)
         if error["type"] == "string_type" and isinstance(error["input"], bool):
-            message = _bool_for_string(error["input"], path, (bools or {}).get(path))
+            message = _bool_for_string(error["input"], path, bools.get(path))
         fits = all(isinstance(_get(data, where), dict) == is_model for where, is_model in unions)
         found.append((path, message, unions, fits))
 

@@ -138,9 +138,9 @@ class LoggedEngine:
     def __init__(self, local: Engine, log: CallLog, counts: Any = None) -> None:
         self.local = local
         self.log = log
-        self.counts = counts
-        """An object with stats(run) and client_stats(run) (WorkerCounts);
-        None: the local engine's."""
+        self.counts = counts if counts is not None else local
+        """Where stats(run) and client_stats(run) come from: the workers'
+        counts merged (WorkerCounts), else the local engine."""
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         result = getattr(self.local, method)(*args, **kwargs)
@@ -190,12 +190,10 @@ class LoggedEngine:
         return self.local.runs_info(now)
 
     def stats(self, run: str | None = None) -> list[dict[str, Any]]:
-        source = self.counts if self.counts is not None else self.local
-        return source.stats(run)
+        return self.counts.stats(run)
 
     def client_stats(self, run: str | None = None) -> list[dict[str, Any]]:
-        source = self.counts if self.counts is not None else self.local
-        return source.client_stats(run)
+        return self.counts.client_stats(run)
 
     def ending_by(self, now: float) -> bool:
         """Whether a live run ends at or before `now` (its last phase or hard
