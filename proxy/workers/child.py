@@ -38,13 +38,14 @@ log = logging.getLogger("dnschaos.worker")
 class _Control(asyncio.Protocol):
     """The worker's end of the control channel."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, early: bytearray) -> None:
         self.worker = worker
-        self.buffer = bytearray()
+        self.buffer = early  # what came with the init message: handled first
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.data_received(b"")
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -82,8 +83,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
         await self.forwarder.start()
-        _, self.control = await loop.create_unix_connection(lambda: _Control(self), sock=self.sock)
-        self.control.data_received(bytes(self.rest))  # sent while we were starting
+        # The control is set by the factory, not after the await: a message
+        # already waiting in the socket is delivered before the await returns.
+        await loop.create_unix_connection(self._control, sock=self.sock)
+        assert self.control is not None
         try:
             await self.listeners.start(self.settings.listen, reuse_port=True)
         except ListenError as exc:
@@ -100,6 +103,10 @@ class Worker:
         self.listeners.close()
         await self.forwarder.stop()
         return 0
+
+    def _control(self) -> _Control:
+        self.control = _Control(self, self.rest)
+        return self.control
 
     def on_main_gone(self) -> None:
         if not self.stop.is_set():

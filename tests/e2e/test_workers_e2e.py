@@ -16,7 +16,7 @@ import pytest
 
 from support import zone
 from support.dnsutil import make_query, udp
-from support.net import wait_until
+from support.net import poll, wait_until
 
 from .gameday_helpers import api
 
@@ -186,8 +186,9 @@ def test_a_killed_worker_comes_back_with_the_active_rule(proxy):
     os.kill(victim, signal.SIGKILL)
     new = wait_until(lambda: (lambda p: p if len(p) == 2 and victim not in p else None)(
         worker_pids(proxy.pid)), timeout=5, what="a new worker")
-    wait_until(lambda: proxy.metric("dnschaos_worker_restarts_total") == 1
-               and "restarted (pid" in proxy.stderr_text(), timeout=10, what="restart logged")
+    restarted = poll(lambda: proxy.metric("dnschaos_worker_restarts_total") == 1
+                     and "restarted (pid" in proxy.stderr_text(), timeout=10)
+    assert restarted, (proxy.metric("dnschaos_worker_restarts_total"), proxy.stderr_text()[-3000:])
     log = proxy.stderr_text()
     assert f"(pid {victim}) exited with status -9; restarting it" in log
     if shutil.which("ss"):

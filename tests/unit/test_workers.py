@@ -412,3 +412,41 @@ async def test_a_stuck_worker_is_waited_for_once_and_the_loop_goes_on(monkeypatc
     for worker in (quick, stuck):
         worker.handle.chan.close()
         worker.sock.close()
+
+
+def test_a_worker_answers_a_request_already_waiting_when_it_connects() -> None:
+    """A request the main process sent while the worker was starting sits in
+    the control socket; under uvloop it is delivered before
+    create_unix_connection returns.  The worker must answer it and go on,
+    not fail on a control it has not set yet and exit."""
+    import uvloop
+
+    from proxy.workers.child import Worker
+    from proxy.workers.replication import CallLog
+
+    main_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    settings = Settings(upstreams=["127.0.0.1:9"], listen=["127.0.0.1:0"])
+    init = {"settings": settings, "index": 0, "count": 1, "parent": 0, "loop_token": None,
+            "snapshot": CallLog().snapshot()}
+    early = frame(("snapshot", 1, ("stats",)))
+    worker = Worker(worker_end, init, bytearray(early[:3]))  # part came with the init
+    worker_end.setblocking(False)
+    main_end.sendall(early[3:] + frame(("snapshot", 2, ("stats",))))
+
+    async def go() -> tuple[bool, list[object]]:
+        task = asyncio.create_task(worker.run())
+        await asyncio.sleep(0.3)
+        stopped_by_itself = worker.stop.is_set()
+        worker.stop.set()
+        assert await asyncio.wait_for(task, 5) == 0
+        main_end.setblocking(False)
+        buffer = bytearray(main_end.recv(1 << 20))
+        return stopped_by_itself, [m for m in unframe(buffer) if m[0] == "reply"]
+
+    try:
+        stopped_by_itself, replies = uvloop.run(go())
+    finally:
+        main_end.close()
+        worker_end.close()
+    assert not stopped_by_itself
+    assert [(m[1], m[2]) for m in replies] == [(1, True), (2, True)]
