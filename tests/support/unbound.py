@@ -73,8 +73,10 @@ def signing_tools_available() -> bool:
     return bool(shutil.which("ldns-keygen") and shutil.which("ldns-signzone"))
 
 
-def sign_zone(directory: Path, zonefile: Path, origin: str) -> Path:
-    """Sign with a fresh ECDSA P-256 KSK and ZSK, valid for 30 days."""
+def sign_zone(directory: Path, zonefile: Path, origin: str) -> tuple[Path, str, str]:
+    """Sign with a fresh ECDSA P-256 KSK and ZSK, valid for 30 days: the
+    signed zone file, and the KSK's DS and DNSKEY records (trust anchors for
+    validators) as zone-file text."""
     keys = []
     for extra in (["-k"], []):
         out = subprocess.run(
@@ -88,14 +90,17 @@ def sign_zone(directory: Path, zonefile: Path, origin: str) -> Path:
         ["ldns-signzone", "-e", expiration, "-i", inception, str(zonefile), *keys],
         cwd=directory, check=True, capture_output=True, text=True,
     )
-    return directory / (zonefile.name + ".signed")
+    ds = (directory / (keys[0] + ".ds")).read_text().strip()
+    dnskey = (directory / (keys[0] + ".key")).read_text().split(";")[0].strip()
+    return directory / (zonefile.name + ".signed"), ds, dnskey
 
 
 class Unbound(Endpoint):
     """unbound -d -c CONF on 127.0.0.1:PORT (and [::1]:PORT when IPv6 works).
 
     Attributes: host, port, hostport ('127.0.0.1:PORT', the form for
-    --upstream), ipv6 (bool), ipv6_hostport, signed (bool), pid, directory,
+    --upstream), ipv6 (bool), ipv6_hostport, signed (bool), trust_anchor
+    and trust_key (the KSK's DS and DNSKEY when signed), pid, directory,
     log_path.  `addr` is (host, port)."""
 
     host = "127.0.0.1"
@@ -107,6 +112,8 @@ class Unbound(Endpoint):
         self.reuseport = reuseport
         self.ipv6 = ipv6_loopback_available()
         self.signed = False
+        self.trust_anchor = self.trust_key = ""
+        """The KSK's DS and DNSKEY records as zone-file text, once signed."""
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.log_path = self.directory / "unbound.log"
@@ -126,7 +133,8 @@ class Unbound(Endpoint):
         zonefile = self.directory / "example.test.zone"
         zonefile.write_text(zone.zone_text())
         if signing_tools_available():
-            zonefile = sign_zone(self.directory, zonefile, zone.ORIGIN)
+            zonefile, self.trust_anchor, self.trust_key = sign_zone(
+                self.directory, zonefile, zone.ORIGIN)
             self.signed = True
         return zonefile
 

@@ -41,6 +41,7 @@ from proxy.core.faults import ttl
 from proxy.core.faults import partial
 from proxy.core.faults import corrupt
 from proxy.core.faults import flap
+from proxy.core.faults import dnssec
 # isort: on
 
 if TYPE_CHECKING:

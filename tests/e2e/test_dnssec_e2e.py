@@ -1,0 +1,214 @@
+"""The dnssec fault end to end: the signed test zone (support.unbound) as
+upstream, the real proxy in front, and a second real unbound downstream of
+the proxy that validates with the zone's DS as trust anchor
+(support.validator) and reports Extended DNS Errors.
+
+Each case adds one ad hoc rule through the admin API, empties the
+validator's caches, and checks three things: the selected name through the
+validator is SERVFAIL with the EDE code unbound 1.17 gives; an unselected
+name through the same validator is NOERROR with the AD bit; and a client
+that does not validate (dnspython straight to the proxy, DO and CD set)
+still gets the records, damaged exactly as the mode says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from support import zone
+from support.dnsutil import assert_same_reply, make_query, udp
+from support.faults_support import ede_of, injected
+from support.validator import Validator, delv
+
+from .gameday_helpers import TOKEN, api
+
+pytestmark = pytest.mark.e2e
+
+SERVFAIL, NOERROR, NXDOMAIN = dns.rcode.SERVFAIL, dns.rcode.NOERROR, dns.rcode.NXDOMAIN
+RRSIG, DNSKEY = dns.rdatatype.RRSIG, dns.rdatatype.DNSKEY
+# RFC 8914 codes, as unbound 1.17 sets them.
+BOGUS, DNSKEY_MISSING, RRSIGS_MISSING, NSEC_MISSING = 6, 9, 10, 12
+
+
+def h(i: int) -> str:
+    return zone.host_name(i)
+
+
+@pytest.fixture(scope="module")
+def proxy(start_module_proxy, unbound):
+    if not unbound.signed:
+        pytest.skip("ldns-signzone is not installed (run `make test`)")
+    return start_module_proxy("--allow", "127.0.0.0/8", config={"admin_token": TOKEN})
+
+
+@pytest.fixture(scope="module")
+def validator(proxy, unbound, tmp_path_factory):
+    server = Validator(tmp_path_factory.mktemp("validator"), proxy, unbound.trust_anchor).start()
+    yield server
+    server.stop()
+
+
+@contextlib.contextmanager
+def dnssec_rule(proxy, match: dict, **fault) -> Iterator[str]:
+    name = "dnssec-" + fault["break"].replace("_", "-")
+    status, body = api(proxy, "POST", "/api/rules",
+                       {"name": name, "match": match, "fault": {"type": "dnssec", **fault},
+                        "duration": "5m"})
+    assert status == 201, body
+    try:
+        yield name
+    finally:
+        assert api(proxy, "DELETE", f"/api/rules/{name}")[0] == 200
+
+
+def resolve(validator, name: str, qtype: str = "A") -> dns.message.Message:
+    return udp(make_query(name, qtype, do=True), validator.host, validator.port, timeout=5)
+
+
+def raw(target, name: str, qtype: str = "A", **kw) -> dns.message.Message:
+    """What a client that does not validate gets (DO and CD: no validation on the way)."""
+    return udp(make_query(name, qtype, do=True, cd=True, **kw), target.host, target.port)
+
+
+def assert_servfail(reply: dns.message.Message, code: int) -> None:
+    assert reply.rcode() == SERVFAIL, reply
+    assert [c for c, _ in ede_of(reply)] == [code], ede_of(reply)
+
+
+def assert_validates(reply: dns.message.Message, rcode: int = NOERROR) -> None:
+    assert reply.rcode() == rcode, reply
+    assert reply.flags & dns.flags.AD, reply
+    assert ede_of(reply) == []
+
+
+def sigs(message: dns.message.Message, section: str = "answer") -> list:
+    return [rd for rrset in getattr(message, section) if rrset.rdtype == RRSIG for rd in rrset]
+
+
+def test_validator_validates_the_zone_through_the_proxy(validator):
+    validator.flush()
+    assert_validates(resolve(validator, zone.WWW))
+    assert_validates(resolve(validator, zone.NXDOMAIN_NAME), NXDOMAIN)
+
+
+def test_bogus_signature(proxy, unbound, validator):
+    with dnssec_rule(proxy, {"name": h(1)}, **{"break": "bogus_signature"}):
+        validator.flush()
+        assert_servfail(resolve(validator, h(1)), BOGUS)
+        assert_validates(resolve(validator, h(101)))
+        seen, real = raw(proxy, h(1)), raw(unbound, h(1))
+        assert [rrset.to_text() for rrset in seen.answer if rrset.rdtype != RRSIG] == \
+            [rrset.to_text() for rrset in real.answer if rrset.rdtype != RRSIG]
+        (got,), (want,) = sigs(seen), sigs(real)
+        assert got.signature == bytes(b ^ 0xFF for b in want.signature)
+        assert got.replace(signature=want.signature) == want  # only the signature changed
+
+
+@pytest.mark.parametrize(("mode", "i", "bind_reason"), [
+    ("expired_signature", 2, "RRSIG has expired"),
+    ("not_yet_valid", 3, "RRSIG validity period has not begun"),
+])
+def test_signature_times(proxy, unbound, validator, tmp_path, mode, i, bind_reason):
+    """The validity times are part of the signed data, so the moved window
+    also fails the crypto.  unbound verifies the crypto first and says
+    bogus (EDE 6, not 7 or 8); BIND (delv) checks the times first and
+    names them."""
+    with dnssec_rule(proxy, {"name": h(i)}, **{"break": mode}):
+        validator.flush()
+        reply = resolve(validator, h(i))
+        assert_servfail(reply, BOGUS)
+        assert "signature crypto failed" in ede_of(reply)[0][1]
+        assert_validates(resolve(validator, h(100 + i)))
+        trace = delv(proxy, h(i), "A", unbound.trust_key, tmp_path)
+        assert f"resolution failed: {bind_reason}" in trace, trace
+        assert "fully validated" in delv(proxy, h(100 + i), "A", unbound.trust_key, tmp_path)
+        (got,), (want,) = sigs(raw(proxy, h(i))), sigs(raw(unbound, h(i)))
+        week = 7 * 86400
+        if mode == "expired_signature":
+            assert got.expiration == want.inception - week
+        else:
+            assert got.inception == want.expiration + week
+        assert got.expiration - got.inception == want.expiration - want.inception
+        assert got.signature == want.signature
+
+
+@pytest.mark.parametrize(("i", "qtypes", "code"), [
+    (4, None, NSEC_MISSING),
+    (8, "A", RRSIGS_MISSING),
+])
+def test_strip_signatures(proxy, unbound, validator, i, qtypes, code):
+    """An unsigned answer in a signed zone: unbound asks for a DS at the
+    name (is it an insecure delegation?).  When the rule strips that
+    answer's proof too (every query type selected) it says NSEC Missing;
+    when only the A answer is stripped, RRSIGs Missing."""
+    match = {"name": h(i)} | ({"qtype": qtypes} if qtypes else {})
+    with dnssec_rule(proxy, match, **{"break": "strip_signatures"}):
+        validator.flush()
+        assert_servfail(resolve(validator, h(i)), code)
+        assert_validates(resolve(validator, h(100 + i)))
+        seen = raw(proxy, h(i))
+        assert sigs(seen) == [] and [r.to_text() for r in seen.answer] == \
+            [r.to_text() for r in raw(unbound, h(i)).answer if r.rdtype != RRSIG]
+
+
+@pytest.mark.parametrize("denial", ["bogus", "strip"])
+def test_bad_denial(proxy, unbound, validator, denial):
+    name, other = f"nosuch-{denial}.example.test.", f"absent-{denial}.example.test."
+    with dnssec_rule(proxy, {"name": name}, **{"break": "bad_denial", "denial": denial}):
+        validator.flush()
+        assert_servfail(resolve(validator, name), BOGUS if denial == "bogus" else NSEC_MISSING)
+        assert_validates(resolve(validator, other), NXDOMAIN)
+        seen, real = raw(proxy, name), raw(unbound, name)
+        assert seen.rcode() == real.rcode() == NXDOMAIN
+        nsec = {dns.rdatatype.NSEC, dns.rdatatype.NSEC3}
+        if denial == "strip":
+            assert {r.rdtype for r in seen.authority} == {dns.rdatatype.SOA, RRSIG}
+            assert all(sig.type_covered not in nsec for sig in sigs(seen, "authority"))
+        else:
+            assert [r.to_text() for r in seen.authority if r.rdtype != RRSIG] == \
+                [r.to_text() for r in real.authority if r.rdtype != RRSIG]
+            for got, want in zip(sigs(seen, "authority"), sigs(real, "authority"), strict=True):
+                changed = got.signature != want.signature
+                assert changed == (got.type_covered in nsec)
+
+
+@pytest.mark.parametrize(("mode", "code"), [
+    ("empty_dnskey", DNSKEY_MISSING),
+    ("ds_mismatch", DNSKEY_MISSING),
+])
+def test_key_faults(proxy, unbound, validator, mode, code):
+    """The DNSKEY query at the apex is the one selected: every name fails
+    while the rule is there, and validates again once it is gone."""
+    name = h(5 if mode == "empty_dnskey" else 6)
+    with dnssec_rule(proxy, {"name": zone.ORIGIN, "qtype": "DNSKEY"}, **{"break": mode}):
+        validator.flush()
+        assert_servfail(resolve(validator, name), code)
+        seen, real = raw(proxy, zone.ORIGIN, "DNSKEY"), raw(unbound, zone.ORIGIN, "DNSKEY")
+        keys = [rd for rrset in seen.answer if rrset.rdtype == DNSKEY for rd in rrset]
+        real_keys = [rd for rrset in real.answer if rrset.rdtype == DNSKEY for rd in rrset]
+        if mode == "empty_dnskey":
+            assert seen.rcode() == NOERROR and seen.answer == [] and keys == []
+        else:
+            changed = [(k.flags, k.key != w.key) for k, w in zip(keys, real_keys, strict=True)]
+            assert sorted(changed) == [(256, False), (257, True)]
+    validator.flush()
+    assert_validates(resolve(validator, name))
+
+
+def test_not_applied_without_do(proxy, unbound, validator):
+    """A query without DO gets no RRSIGs: the fault leaves it alone, and
+    the rule does not count it as injected."""
+    with dnssec_rule(proxy, {"name": h(7)}, **{"break": "bogus_signature"}) as rule_name:
+        plain = make_query(h(7), "A")
+        assert_same_reply(udp(plain, proxy.host, proxy.port),
+                          udp(plain, unbound.host, unbound.port))
+        assert injected(proxy, rule_name) == 0
+        assert sigs(raw(proxy, h(7))) != sigs(raw(unbound, h(7)))  # DO: damaged
+        assert injected(proxy, rule_name) == 1
