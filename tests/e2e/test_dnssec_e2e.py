@@ -9,25 +9,33 @@ validator is SERVFAIL with the EDE code unbound 1.17 gives; an unselected
 name through the same validator is NOERROR with the AD bit; and a client
 that does not validate (dnspython straight to the proxy, DO and CD set)
 still gets the records, damaged exactly as the mode says.
+
+The .ru 2024 and Slack 2021 scenarios of the library are replayed too,
+their placeholders set to the test zone and the validator's address, and
+started through the API with a time scale that makes them last seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdatatype
 import pytest
+import yaml
 
+from proxy.core.spec import parse_duration
 from support import zone
 from support.dnsutil import assert_same_reply, make_query, udp
 from support.faults_support import ede_of, injected
+from support.net import wait_until
 from support.validator import Validator, delv
 
-from .gameday_helpers import TOKEN, api
+from .gameday_helpers import TOKEN, api, write_scenarios
 
 pytestmark = pytest.mark.e2e
 
@@ -41,11 +49,28 @@ def h(i: int) -> str:
     return zone.host_name(i)
 
 
+REPO = Path(__file__).resolve().parents[2]
+INCIDENTS = ("ru-dnssec-2024", "slack-dnssec-2021")
+
+
+def on_the_test_zone(name: str) -> dict:
+    """A library scenario with its placeholders set as its description says:
+    the suffix to the signed test zone, the clients to the validator's."""
+    scenario = yaml.safe_load((REPO / "scenarios" / f"{name}.yaml").read_text())
+    for phase in scenario["phases"]:
+        for rule in phase["rules"]:
+            rule["match"].update(suffix=zone.ORIGIN.rstrip("."), clients="127.0.0.0/8")
+    return scenario
+
+
 @pytest.fixture(scope="module")
-def proxy(start_module_proxy, unbound):
+def proxy(start_module_proxy, unbound, tmp_path_factory):
     if not unbound.signed:
         pytest.skip("ldns-signzone is not installed (run `make test`)")
-    return start_module_proxy("--allow", "127.0.0.0/8", config={"admin_token": TOKEN})
+    scenarios = write_scenarios(tmp_path_factory.mktemp("dnssec") / "scenarios",
+                                *(on_the_test_zone(name) for name in INCIDENTS))
+    return start_module_proxy("--allow", "127.0.0.0/8", "--scenario-dir", str(scenarios),
+                              config={"admin_token": TOKEN})
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +237,59 @@ def test_not_applied_without_do(proxy, unbound, validator):
         assert injected(proxy, rule_name) == 0
         assert sigs(raw(proxy, h(7))) != sigs(raw(unbound, h(7)))  # DO: damaged
         assert injected(proxy, rule_name) == 1
+
+
+# --- the incident library, replayed on the test zone -----------------------------------
+
+
+def fresh(validator, name: str, qtype: str = "A") -> dns.message.Message:
+    validator.flush()
+    return resolve(validator, name, qtype)
+
+
+def state(reply: dns.message.Message) -> tuple[int, tuple[int, ...], bool]:
+    return (reply.rcode(), tuple(c for c, _ in ede_of(reply)), bool(reply.flags & dns.flags.AD))
+
+
+def start_incident(proxy, name: str, seconds: float) -> str:
+    scenario = on_the_test_zone(name)
+    total = sum(parse_duration(p["duration"]) for p in scenario["phases"])
+    status, run = api(proxy, "POST", f"/api/scenarios/{name}/start",
+                      {"time_scale": seconds / total})
+    assert status == 201, run
+    return run["run"]
+
+
+def test_ru_2024_replay(proxy, validator):
+    """The suffix covers the zone's DNSKEY answer too, so the chain of trust
+    breaks at the key: every name SERVFAIL with EDE 9 (DNSKEY Missing:
+    "signature crypto failed ... for trust anchor"), validated after."""
+    start_incident(proxy, "ru-dnssec-2024", 4.0)
+    failing = (SERVFAIL, (DNSKEY_MISSING,), False)
+    wait_until(lambda: state(fresh(validator, zone.WWW)) == failing,
+               timeout=3, interval=0.1, what="bogus signatures")
+    reply = fresh(validator, h(9))
+    assert state(reply) == failing and "signature crypto failed" in ede_of(reply)[0][1]
+    assert state(fresh(validator, zone.NXDOMAIN_NAME)) == failing
+    assert raw(proxy, h(9)).answer  # a client that does not validate gets the records
+    wait_until(lambda: state(fresh(validator, zone.WWW)) == (NOERROR, (), True),
+               timeout=8, interval=0.2, what="the end of the incident")
+
+
+def test_slack_2021_replay(proxy, validator):
+    """Phase 1: the AAAA NODATA proof fails (EDE 6), A still validates;
+    phase 2: everything unsigned, every name fails; stopped, it validates
+    again."""
+    run = start_incident(proxy, "slack-dnssec-2021", 15.0)  # 4h + 20h: phase 1 lasts 2.5 s
+    nodata = zone.NODATA_NAME, zone.NODATA_TYPE
+    wait_until(lambda: state(fresh(validator, *nodata)) == (SERVFAIL, (BOGUS,), False),
+               timeout=2, interval=0.05, what="the broken NODATA proof")
+    assert state(resolve(validator, zone.NODATA_NAME, "A")) == \
+        (NOERROR, (), True)
+    # The unsigned DNSKEY answer breaks the chain of trust: RRSIGs Missing.
+    wait_until(lambda: state(fresh(validator, zone.WWW)) == (SERVFAIL, (RRSIGS_MISSING,), False),
+               timeout=4, interval=0.1, what="the unsigned rollback")
+    assert state(fresh(validator, zone.NXDOMAIN_NAME)) == (SERVFAIL, (RRSIGS_MISSING,), False)
+    assert api(proxy, "POST", f"/api/runs/{run}/stop", {})[0] == 200  # the day, cut short
+    assert state(fresh(validator, zone.WWW)) == (NOERROR, (), True)
+    assert state(fresh(validator, *nodata)) == (NOERROR, (), True)
