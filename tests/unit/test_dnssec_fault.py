@@ -263,6 +263,22 @@ def test_bad_denial_strip_removes_the_proofs() -> None:
     assert rows(after, "authority") == rows(before, "authority")[:2]  # SOA and its RRSIG
 
 
+def test_bad_denial_treats_nsec3_like_nsec() -> None:
+    q = query("nosuch.example.com.")
+    hashed = "2vptu5timamqttgl4luu9kg21e0aor3s.example.com."
+    data = answer(q, {"authority": [
+        (ZONE, "SOA", "ns.example.com. hostmaster.example.com. 1 3600 600 86400 300"),
+        (ZONE, "RRSIG", rrsig("SOA", ZONE)),
+        (hashed, "NSEC3", "1 0 0 - 2VPTU5TIMAMQTTGL4LUU9KG21E0AOR3T A RRSIG"),
+        (hashed, "RRSIG", rrsig("NSEC3", hashed)),
+    ]}, rcode=3)
+    soa_sig, nsec3_sig = signature_ranges(data)
+    assert changed_bytes(data, rewrite({"break": "bad_denial"}, q, data)) == list(nsec3_sig)
+    out = rewrite({"break": "bad_denial", "denial": "strip"}, q, data)
+    assert rows(dns.message.from_wire(out), "authority") == \
+        rows(dns.message.from_wire(data), "authority")[:2]
+
+
 # --- where it does not apply, bad input, the model ------------------------------------
 
 
