@@ -1,7 +1,9 @@
-"""The dnssec fault end to end: the signed test zone (support.unbound) as
-upstream, the real proxy in front, and a second real unbound downstream of
-the proxy that validates with the zone's DS as trust anchor
-(support.validator) and reports Extended DNS Errors.
+"""The dnssec fault end to end: the signed test zone and its signed parent
+zone `test.`, which delegates to it with a DS (support.unbound, one real
+unbound serving both), as upstream; the real proxy in front; and a second
+real unbound downstream of the proxy that validates from the parent's DS
+as trust anchor down (support.validator) and reports Extended DNS Errors.
+The module's `unbound` is that upstream, not the session's.
 
 Each case adds one ad hoc rule through the admin API, empties the
 validator's caches, and checks three things: the selected name through the
@@ -18,6 +20,7 @@ started through the API with a time scale that makes them last seconds.
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from support import zone
 from support.dnsutil import assert_same_reply, make_query, udp
 from support.faults_support import ede_of, injected
 from support.net import wait_until
+from support.unbound import Unbound, signing_tools_available
 from support.validator import Validator, delv
 
 from .gameday_helpers import TOKEN, api, write_scenarios
@@ -64,13 +68,22 @@ def on_the_test_zone(name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
+def unbound(tmp_path_factory):
+    """The upstream: the signed test zone and its signed parent, which
+    delegates to it with its DS (so the trust anchor is the parent's)."""
+    if not shutil.which("unbound") or not signing_tools_available():
+        pytest.skip("unbound or ldns-signzone is not installed (run `make test`)")
+    server = Unbound(tmp_path_factory.mktemp("signed"), parent=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def proxy(start_module_proxy, unbound, tmp_path_factory):
-    if not unbound.signed:
-        pytest.skip("ldns-signzone is not installed (run `make test`)")
     scenarios = write_scenarios(tmp_path_factory.mktemp("dnssec") / "scenarios",
                                 *(on_the_test_zone(name) for name in INCIDENTS))
     return start_module_proxy("--allow", "127.0.0.0/8", "--scenario-dir", str(scenarios),
-                              config={"admin_token": TOKEN})
+                              upstreams=[unbound], config={"admin_token": TOKEN})
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +134,9 @@ def test_validator_validates_the_zone_through_the_proxy(validator):
     validator.flush()
     assert_validates(resolve(validator, zone.WWW))
     assert_validates(resolve(validator, zone.NXDOMAIN_NAME), NXDOMAIN)
+    ds = resolve(validator, zone.ORIGIN, "DS")  # the parent's, through the proxy
+    assert_validates(ds)
+    assert [r.rdtype for r in ds.answer if r.rdtype != RRSIG] == [dns.rdatatype.DS]
 
 
 def test_bogus_signature(proxy, unbound, validator):

@@ -56,12 +56,21 @@ server:
     unwanted-reply-threshold: 0
     local-zone: "." refuse
     local-zone: "{origin}" transparent
-
+{parent_local_zone}
 remote-control:
     control-enable: no
 
 auth-zone:
     name: "{origin}"
+    zonefile: "{zonefile}"
+    for-downstream: yes
+    for-upstream: no
+    fallback-enabled: no
+{parent_auth_zone}"""
+
+PARENT_AUTH_ZONE = """
+auth-zone:
+    name: "{parent}"
     zonefile: "{zonefile}"
     for-downstream: yes
     for-upstream: no
@@ -105,11 +114,16 @@ class Unbound(Endpoint):
 
     host = "127.0.0.1"
 
-    def __init__(self, directory: Path, reuseport: bool = False) -> None:
+    def __init__(self, directory: Path, reuseport: bool = False, parent: bool = False) -> None:
         """reuseport: unbound's `so-reuseport: yes` (its default), which lets
-        another program's SO_REUSEPORT socket join its port."""
+        another program's SO_REUSEPORT socket join its port.
+        parent: also serve the parent zone (support.zone.PARENT), signed,
+        delegating to the test zone with its DS; trust_anchor and trust_key
+        are then the parent's, so validators check the whole chain."""
         self.directory = Path(directory)
         self.reuseport = reuseport
+        self.parent = parent
+        self.parent_zonefile: Path | None = None
         self.ipv6 = ipv6_loopback_available()
         self.signed = False
         self.trust_anchor = self.trust_key = ""
@@ -136,6 +150,13 @@ class Unbound(Endpoint):
             zonefile, self.trust_anchor, self.trust_key = sign_zone(
                 self.directory, zonefile, zone.ORIGIN)
             self.signed = True
+        if self.parent:
+            if not self.signed:
+                raise RuntimeError("a parent zone needs ldns-signzone (make test installs it)")
+            parent = self.directory / "parent.zone"
+            parent.write_text(zone.parent_zone_text(self.trust_anchor))
+            self.parent_zonefile, self.trust_anchor, self.trust_key = sign_zone(
+                self.directory, parent, zone.PARENT)
         return zonefile
 
     def start(self, ready_timeout: float = 10.0) -> Unbound:
@@ -152,6 +173,11 @@ class Unbound(Endpoint):
                 ipv6_interface=f"    interface: ::1@{self.port}" if self.ipv6 else "",
                 do_ip6="yes" if self.ipv6 else "no",
                 reuseport="yes" if self.reuseport else "no",
+                parent_local_zone=f'    local-zone: "{zone.PARENT}" transparent\n'
+                if self.parent_zonefile else "",
+                parent_auth_zone=PARENT_AUTH_ZONE.format(parent=zone.PARENT,
+                                                         zonefile=self.parent_zonefile)
+                if self.parent_zonefile else "",
             ))
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(

@@ -1,12 +1,13 @@
 """A validating unbound on loopback, downstream of the proxy: it resolves
-the test zone (support.zone) through a stub zone whose only server is the
-proxy, validates with the zone's KSK DS as trust anchor (as a parent's DS
-would be), and reports Extended DNS Errors (`ede: yes`, unbound >= 1.16).
+the zone of its trust anchor (the test zone, or its parent with
+Unbound(parent=True)) through a stub zone whose only server is the proxy,
+validates from that DS down, and reports Extended DNS Errors (`ede: yes`,
+unbound >= 1.16).
 
     validator = Validator(tmp, upstream=proxy, trust_anchor=unbound.trust_anchor).start()
     validator.flush()          # forget cached answers and keys of the zone
 
-Everything outside the test zone is refused locally, so nothing leaves
+Everything outside the anchor's zone is refused locally, so nothing leaves
 the machine.  remote-control listens on loopback without certificates so
 `flush` can empty the caches between test cases.
 """
@@ -51,16 +52,19 @@ server:
     prefetch: no
     aggressive-nsec: no
     local-zone: "." refuse
-    local-zone: "{origin}" transparent
+    local-zone: "{anchor_zone}" transparent
 
 remote-control:
     control-enable: yes
     control-interface: 127.0.0.1
     control-port: {control_port}
     control-use-cert: no
+{stubs}"""
 
+# One stub per zone, so the delegation's glue (127.0.0.1 port 53) is never asked.
+STUB = """
 stub-zone:
-    name: "{origin}"
+    name: "{name}"
     stub-addr: {upstream}
 """
 
@@ -75,6 +79,7 @@ class Validator(Endpoint):
         self.directory = Path(directory)
         self.upstream = upstream
         self.trust_anchor = " ".join(trust_anchor.split())  # one line, tabs gone
+        self.anchor_zone = self.trust_anchor.split()[0]
         self.port = self.control_port = 0
         self.proc: subprocess.Popen | None = None
         self.conf = self.directory / "validator.conf"
@@ -91,8 +96,10 @@ class Validator(Endpoint):
             self.port, self.control_port = free_port(), free_port()
             self.conf.write_text(CONF.format(
                 port=self.port, control_port=self.control_port, dir=self.directory,
-                trust_anchor=self.trust_anchor, origin=zone.ORIGIN,
-                upstream=f"{self.upstream.host}@{self.upstream.port}"))
+                trust_anchor=self.trust_anchor, anchor_zone=self.anchor_zone,
+                stubs="".join(STUB.format(name=name,
+                                          upstream=f"{self.upstream.host}@{self.upstream.port}")
+                              for name in dict.fromkeys((self.anchor_zone, zone.ORIGIN)))))
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(["unbound", "-d", "-c", str(self.conf)],
                                              stdout=log, stderr=subprocess.STDOUT,
@@ -124,9 +131,9 @@ class Validator(Endpoint):
         return out.stdout
 
     def flush(self) -> None:
-        """Forget the zone's cached answers, keys and bogus marks, and the
-        upstream's infrastructure state."""
-        self.control("flush_zone", zone.ORIGIN)
+        """Forget the cached answers, keys and bogus marks of the anchor's
+        zone and everything below it, and the upstream's infrastructure state."""
+        self.control("flush_zone", self.anchor_zone)
         self.control("flush_bogus")
         self.control("flush_negative")
         self.control("flush_infra", "all")
