@@ -237,8 +237,11 @@ def _plain_rdata(data: bytes, span: wire.Span) -> bytes:
 def without_records(data: bytes, remove: Callable[[wire.Span], bool]) -> bytes:
     """The message without the records `remove` picks, counts mended.  The
     records kept are written without compression: a pointer may have
-    pointed into a record that is gone.  The header and question are kept."""
+    pointed into a record that is gone.  The header and question are kept;
+    with nothing to remove, the message is returned as it is."""
     qend, spans = wire.layout(data)
+    if not any(remove(span) for span in spans):
+        return data
     counts = [0, 0, 0]
     body = bytearray()
     for span in spans:

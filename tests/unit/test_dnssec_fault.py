@@ -184,11 +184,11 @@ def test_strip_signatures_keeps_every_other_record() -> None:
     assert after.edns == 0 and after.ednsflags & dns.flags.DO
 
 
-def test_strip_signatures_of_an_unsigned_answer_changes_nothing_but_compression() -> None:
+def test_strip_signatures_of_an_unsigned_answer_changes_nothing() -> None:
     q = query("www.example.com.")
-    data = answer(q, {"answer": [("www.example.com.", "A", "192.0.2.1")]})
-    out = rewrite({"break": "strip_signatures"}, q, data)
-    assert dns.message.from_wire(out) == dns.message.from_wire(data)
+    data = answer(q, {"answer": [("www.example.com.", "CNAME", "web.example.com."),
+                                 ("web.example.com.", "A", "192.0.2.1")]})
+    assert rewrite({"break": "strip_signatures"}, q, data) == data  # compression kept too
 
 
 def test_without_records_writes_names_out_where_pointers_pointed_into_removed_ones() -> None:
@@ -223,8 +223,7 @@ def test_empty_dnskey_answers_nodata() -> None:
     assert after.ednsflags & dns.flags.DO
     # Other answers carry no DNSKEY: byte for byte the same.
     q = query("www.example.com.")
-    assert rewrite({"break": "empty_dnskey"}, q, www_answer(q)) == without_records(
-        www_answer(q), lambda span: False)
+    assert rewrite({"break": "empty_dnskey"}, q, www_answer(q)) == www_answer(q)
 
 
 @pytest.mark.parametrize(("ksk", "changed"), [(True, [257]), (False, [256, 256])])
