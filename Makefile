@@ -14,7 +14,7 @@ ARGS ?=
 # Debian packages the tests use: real upstreams (unbound, nsd), real
 # clients (dig), DNSSEC zone signing (ldns-utils).
 TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus
-TEST_BINS := unbound nsd dig ldns-signzone promtool prometheus
+TEST_BINS := unbound unbound-control nsd dig delv ldns-signzone promtool prometheus
 BENCH_DEBS := nsd dnsperf dnsdist dnsmasq-base
 BENCH_BINS := nsd dnsperf dnsdist dnsmasq
 

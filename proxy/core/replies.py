@@ -213,3 +213,42 @@ def rewrite_ttls(data: bytes, change: Callable[[int], int]) -> bytes:
             ttl = struct.unpack_from("!I", data, span.fixed + 4)[0]
             struct.pack_into("!I", out, span.fixed + 4, min(MAX_TTL, max(0, change(ttl))))
     return bytes(out)
+
+
+# Types whose RDATA names may be compressed (RFC 3597 4: the RFC 1035 ones).
+_ONE_NAME = frozenset({2, 3, 4, 5, 7, 8, 9, 12})  # NS MD MF CNAME MB MG MR PTR
+_MX, _MINFO = 15, 14
+
+
+def _plain_rdata(data: bytes, span: wire.Span) -> bytes:
+    """A record's RDATA with its compressed names written out in full."""
+    start, end, rtype = span.rdata, span.end, span.rtype
+    if rtype in _ONE_NAME:
+        return wire.read_name(data, start)[0]
+    if rtype == _MX:
+        return data[start : start + 2] + wire.read_name(data, start + 2)[0]
+    if rtype in (TYPE_SOA, _MINFO):
+        first, pos = wire.read_name(data, start)
+        second, pos = wire.read_name(data, pos)
+        return first + second + data[pos:end]
+    return data[start:end]
+
+
+def without_records(data: bytes, remove: Callable[[wire.Span], bool]) -> bytes:
+    """The message without the records `remove` picks, counts mended.  The
+    records kept are written without compression: a pointer may have
+    pointed into a record that is gone.  The header and question are kept;
+    with nothing to remove, the message is returned as it is."""
+    qend, spans = wire.layout(data)
+    if not any(remove(span) for span in spans):
+        return data
+    counts = [0, 0, 0]
+    body = bytearray()
+    for span in spans:
+        if remove(span):
+            continue
+        rdata = _plain_rdata(data, span)
+        body += wire.read_name(data, span.start)[0] + data[span.fixed : span.fixed + 8]
+        body += struct.pack("!H", len(rdata)) + rdata
+        counts[span.section] += 1
+    return data[:6] + struct.pack("!HHH", *counts) + data[wire.HEADER_LEN : qend] + bytes(body)

@@ -31,6 +31,8 @@ NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 BADVERS = 16  # extended: the upper 8 bits go in the OPT record
 
 OPT = 41
+# DNSSEC record types (RFC 4034, RFC 5155).
+DS, RRSIG, NSEC, DNSKEY, NSEC3 = 43, 46, 47, 48, 50
 EDNS_UDP_SIZE = 1232  # the DNS flag day 2020 default
 # What every UDP client takes (RFC 1035 4.2.1); smaller EDNS sizes count as this (RFC 6891 6.2.5).
 UDP_MIN = 512
@@ -224,6 +226,12 @@ def udp_limit(data: bytes, qend: int) -> int:
     return UDP_MIN if opt is None else max(UDP_MIN, opt_fields(opt)[0])
 
 
+def dnssec_ok(data: bytes, qend: int) -> bool:
+    """Whether a query sets the DO bit (RFC 3225): only then do answers carry RRSIGs."""
+    opt = find_opt(data, qend)
+    return opt is not None and bool(opt[skip_name(opt, 0) + 6] & 0x80)
+
+
 def skip_name(data: bytes, pos: int) -> int:
     """The offset just past the (possibly compressed) name at `pos`.
     IndexError when it runs past the end, ValueError on reserved label types."""
@@ -238,6 +246,39 @@ def skip_name(data: bytes, pos: int) -> int:
         pos += length + 1
 
 
+_MAX_POINTERS = 127  # more jumps than a 255-byte name can need: a loop
+
+
+def read_name(data: bytes, pos: int) -> tuple[bytes, int]:
+    """The name at `pos` in wire form with every compression pointer
+    followed, and the offset just past it where it sits.
+    IndexError when it runs past the end, ValueError on a loop, a reserved
+    label type or a name longer than 255 bytes."""
+    name = bytearray()
+    end = -1
+    jumps = 0
+    while True:
+        length = data[pos]
+        if length & 0xC0 == 0xC0:
+            if end < 0:
+                end = pos + 2
+            jumps += 1
+            if jumps > _MAX_POINTERS:
+                raise ValueError("compression loop")
+            pos = (length & 0x3F) << 8 | data[pos + 1]
+            continue
+        if length & 0xC0:
+            raise ValueError("invalid label type")
+        if pos + 1 + length > len(data):
+            raise IndexError("label runs past the end")
+        name += data[pos : pos + 1 + length]
+        if len(name) > 255:
+            raise ValueError("name longer than 255 bytes")
+        if length == 0:
+            return bytes(name), end if end >= 0 else pos + 1
+        pos += length + 1
+
+
 @dataclass(frozen=True, slots=True)
 class Span:
     """Where one resource record sits in a message."""
@@ -247,6 +288,36 @@ class Span:
     fixed: int  # offset of TYPE; TTL is at fixed + 4
     rtype: int
     end: int
+
+    @property
+    def rdata(self) -> int:
+        """Offset of the record's RDATA (past TYPE, CLASS, TTL, RDLENGTH)."""
+        return self.fixed + 10
+
+
+@dataclass(frozen=True, slots=True)
+class Rrsig:
+    """Where the fields of one RRSIG's RDATA sit (RFC 4034 3.1)."""
+
+    covered: int
+    """The type the signature covers."""
+    expiration: int
+    """Offset of the 32-bit expiration time; the inception follows at +4."""
+    signature: int
+    """Offset of the signature bytes, which run to `end`."""
+    end: int
+
+
+def rrsig_fields(data: bytes, span: Span) -> Rrsig:
+    """The field offsets of the RRSIG record at `span`.  ValueError (or
+    IndexError) when its RDATA is too short for them."""
+    if span.rtype != RRSIG:
+        raise ValueError("not an RRSIG")
+    start = span.rdata
+    signature = skip_name(data, start + 18)  # past type..key tag: the signer's name
+    if signature > span.end:
+        raise ValueError("RRSIG cut short")
+    return Rrsig(data[start] << 8 | data[start + 1], start + 8, signature, span.end)
 
 
 def layout(data: bytes) -> tuple[int, list[Span]]:

@@ -56,12 +56,21 @@ server:
     unwanted-reply-threshold: 0
     local-zone: "." refuse
     local-zone: "{origin}" transparent
-
+{parent_local_zone}
 remote-control:
     control-enable: no
 
 auth-zone:
     name: "{origin}"
+    zonefile: "{zonefile}"
+    for-downstream: yes
+    for-upstream: no
+    fallback-enabled: no
+{parent_auth_zone}"""
+
+PARENT_AUTH_ZONE = """
+auth-zone:
+    name: "{parent}"
     zonefile: "{zonefile}"
     for-downstream: yes
     for-upstream: no
@@ -73,8 +82,10 @@ def signing_tools_available() -> bool:
     return bool(shutil.which("ldns-keygen") and shutil.which("ldns-signzone"))
 
 
-def sign_zone(directory: Path, zonefile: Path, origin: str) -> Path:
-    """Sign with a fresh ECDSA P-256 KSK and ZSK, valid for 30 days."""
+def sign_zone(directory: Path, zonefile: Path, origin: str) -> tuple[Path, str, str]:
+    """Sign with a fresh ECDSA P-256 KSK and ZSK, valid for 30 days: the
+    signed zone file, and the KSK's DS and DNSKEY records (trust anchors for
+    validators) as zone-file text."""
     keys = []
     for extra in (["-k"], []):
         out = subprocess.run(
@@ -88,25 +99,35 @@ def sign_zone(directory: Path, zonefile: Path, origin: str) -> Path:
         ["ldns-signzone", "-e", expiration, "-i", inception, str(zonefile), *keys],
         cwd=directory, check=True, capture_output=True, text=True,
     )
-    return directory / (zonefile.name + ".signed")
+    ds = (directory / (keys[0] + ".ds")).read_text().strip()
+    dnskey = (directory / (keys[0] + ".key")).read_text().split(";")[0].strip()
+    return directory / (zonefile.name + ".signed"), ds, dnskey
 
 
 class Unbound(Endpoint):
     """unbound -d -c CONF on 127.0.0.1:PORT (and [::1]:PORT when IPv6 works).
 
     Attributes: host, port, hostport ('127.0.0.1:PORT', the form for
-    --upstream), ipv6 (bool), ipv6_hostport, signed (bool), pid, directory,
+    --upstream), ipv6 (bool), ipv6_hostport, signed (bool), trust_anchor
+    and trust_key (the KSK's DS and DNSKEY when signed), pid, directory,
     log_path.  `addr` is (host, port)."""
 
     host = "127.0.0.1"
 
-    def __init__(self, directory: Path, reuseport: bool = False) -> None:
+    def __init__(self, directory: Path, reuseport: bool = False, parent: bool = False) -> None:
         """reuseport: unbound's `so-reuseport: yes` (its default), which lets
-        another program's SO_REUSEPORT socket join its port."""
+        another program's SO_REUSEPORT socket join its port.
+        parent: also serve the parent zone (support.zone.PARENT), signed,
+        delegating to the test zone with its DS; trust_anchor and trust_key
+        are then the parent's, so validators check the whole chain."""
         self.directory = Path(directory)
         self.reuseport = reuseport
+        self.parent = parent
+        self.parent_zonefile: Path | None = None
         self.ipv6 = ipv6_loopback_available()
         self.signed = False
+        self.trust_anchor = self.trust_key = ""
+        """The KSK's DS and DNSKEY records as zone-file text, once signed."""
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.log_path = self.directory / "unbound.log"
@@ -126,8 +147,16 @@ class Unbound(Endpoint):
         zonefile = self.directory / "example.test.zone"
         zonefile.write_text(zone.zone_text())
         if signing_tools_available():
-            zonefile = sign_zone(self.directory, zonefile, zone.ORIGIN)
+            zonefile, self.trust_anchor, self.trust_key = sign_zone(
+                self.directory, zonefile, zone.ORIGIN)
             self.signed = True
+        if self.parent:
+            if not self.signed:
+                raise RuntimeError("a parent zone needs ldns-signzone (make test installs it)")
+            parent = self.directory / "parent.zone"
+            parent.write_text(zone.parent_zone_text(self.trust_anchor))
+            self.parent_zonefile, self.trust_anchor, self.trust_key = sign_zone(
+                self.directory, parent, zone.PARENT)
         return zonefile
 
     def start(self, ready_timeout: float = 10.0) -> Unbound:
@@ -144,6 +173,11 @@ class Unbound(Endpoint):
                 ipv6_interface=f"    interface: ::1@{self.port}" if self.ipv6 else "",
                 do_ip6="yes" if self.ipv6 else "no",
                 reuseport="yes" if self.reuseport else "no",
+                parent_local_zone=f'    local-zone: "{zone.PARENT}" transparent\n'
+                if self.parent_zonefile else "",
+                parent_auth_zone=PARENT_AUTH_ZONE.format(parent=zone.PARENT,
+                                                         zonefile=self.parent_zonefile)
+                if self.parent_zonefile else "",
             ))
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(

@@ -10,6 +10,8 @@ assert against, and its zone-file text.
     host0..host199           A 10.0.<i // 256>.<i % 256>
     nosuch.example.test.     NXDOMAIN (any name not listed)
 
+A parent zone `test.` (PARENT, parent_zone_text) delegates to it with its
+DS, for validators that check the chain (Unbound(parent=True)).
 The zone is DNSSEC-signed when ldns-signzone is installed (see Unbound),
 so DO queries get RRSIGs and NSEC proofs.
 """
@@ -58,6 +60,24 @@ def _txt_strings(total: int, tag: str) -> list[str]:
 
 BIG_TXT_STRINGS = _txt_strings(600, "big")
 HUGE_TXT_STRINGS = _txt_strings(1500, "huge")
+
+
+PARENT = "test."
+"""The parent zone (Unbound(parent=True)): the delegation of the test zone and its DS."""
+
+
+def parent_zone_text(child_ds: str, ns_address: str = "127.0.0.1") -> str:
+    lines = [
+        f"$ORIGIN {PARENT}",
+        f"$TTL {TTL}",
+        f"@ IN SOA ns.{PARENT} hostmaster.{PARENT} 1 3600 900 604800 {NEGATIVE_TTL}",
+        "@ IN NS ns",
+        f"ns IN A {ns_address}",
+        f"{ORIGIN} IN NS ns.{ORIGIN}",
+        f"ns.{ORIGIN} IN A {ns_address}",
+        child_ds,
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def zone_text(ns_address: str = "127.0.0.1") -> str:

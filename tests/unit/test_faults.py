@@ -127,9 +127,11 @@ def test_every_fault_applied_and_not_applied(fault_type: str) -> None:
     set_rules(engine, [Rule.model_validate({"match": {"suffix": "example.com"},
                                            "fault": fault_example(fault_type)})], 0.0, None, 0.0)
     rng = random.Random(1)
-    assert isinstance(engine.on_query(query("www.example.com"), 1.0, rng), Reply | Drop | Forward)
-    assert engine.on_query(query("www.example.org"), 1.0, rng) is None
-    assert engine.on_query(query("wwwexample.com"), 1.0, rng) is None
+    # DO set: `dnssec` acts only on queries that ask for signatures.
+    selected = query("www.example.com", do=True)
+    assert isinstance(engine.on_query(selected, 1.0, rng), Reply | Drop | Forward)
+    assert engine.on_query(query("www.example.org", do=True), 1.0, rng) is None
+    assert engine.on_query(query("wwwexample.com", do=True), 1.0, rng) is None
     (stats,) = engine.stats()
     assert (stats["matched"], stats["injected"], stats["errors"]) == (1, 1, 0)
 

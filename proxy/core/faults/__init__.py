@@ -13,8 +13,9 @@ schema and the loader's error messages.
 `build_fault(spec, store)` turns a validated model into a behaviour, once,
 when a scenario loads.  Per query the engine calls `apply(q, run_time, rng,
 phase)`, which returns a verdict, or None when the query passes untouched (a
-flap that is off, a truncate on TCP).  Response-side faults (ttl, partial,
-corrupt wrong_id / wrong_question / short) return `Forward(respond=self)`;
+flap that is off, a truncate on TCP, a dnssec fault on a query without DO).
+Response-side faults (ttl, partial, dnssec, corrupt wrong_id /
+wrong_question / short) return `Forward(respond=self)`;
 the engine later calls `respond(q, answer, run_time, rng, phase)` with the
 upstream's answer and sends what it returns.  `phase` gives the phase's
 start (run time, for `flap` and `partial` periods) and its stale snapshot.
@@ -41,6 +42,7 @@ from proxy.core.faults import ttl
 from proxy.core.faults import partial
 from proxy.core.faults import corrupt
 from proxy.core.faults import flap
+from proxy.core.faults import dnssec
 # isort: on
 
 if TYPE_CHECKING:
