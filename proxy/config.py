@@ -174,6 +174,8 @@ class Settings(Base):
     """Client addresses the dependency map keeps per process; later ones are only counted."""
     deps_max_names: Annotated[int, Field(ge=0, le=100_000)] = 1_000
     """Questions (name and type) the map keeps per client; later ones are only counted."""
+    deps_max_entries: Annotated[int, Field(ge=0, le=10_000_000)] = 100_000
+    """Questions the map keeps over all clients (about 250 bytes each: ~25 MB)."""
     recovery_window: PositiveDuration = 600.0
     """Seconds after a run ends that each affected client is watched for recovery."""
     workers: Annotated[int, Field(ge=1, le=256)] = 1

@@ -141,7 +141,8 @@ class Forwarder(LoopProbes):
         self._last_probe = 0.0
         self._upstream_hosts = frozenset(u.addr[0] for u in self.upstreams)
         self._from_upstreams = 0  # queries from an upstream's address since the last sweep
-        self.deps: DepMap | None = (DepMap(settings.deps_max_clients, settings.deps_max_names)
+        self.deps: DepMap | None = (DepMap(settings.deps_max_clients, settings.deps_max_names,
+                                              settings.deps_max_entries)
                                     if settings.deps else None)
         """Who asked for what (core/deps.py); fed on the reply path, None when off."""
         if self.deps is not None:

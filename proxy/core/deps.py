@@ -16,14 +16,13 @@ and no query reads the clock.  A client's last seen is that of its
 latest question entry (queries beyond its names cap are only counted).
 
 Bounds: at most `max_clients` client addresses (queries from later ones are
-counted in `clients_overflow`) and `max_names` questions per client (the
-rest counted in that client's `names_overflow`).  One question entry (its
-list of 10 numbers, its key, its slot in the dict) takes about 250 bytes
-(tests/unit/test_deps.py counts it), so the default bound of 10,000 clients
-x 1,000 questions is ~2.5 GB in the worst case, while a service asking for
-tens of names costs a few kB.  Lower the caps (config `deps_max_clients`,
-`deps_max_names`) on a proxy facing many clients; each worker process keeps
-its own map within the same caps.
+counted in `clients_overflow`), `max_names` questions per client and
+`max_entries` questions over all clients (the rest counted in that client's
+`names_overflow`).  One question entry (its list of 10 numbers, its key, its
+slot in the dict) takes about 250 bytes (tests/unit/test_deps.py counts it),
+so the default bound of 100,000 entries is ~25 MB per process in the worst
+case, while a service asking for tens of names costs a few kB.  Each worker
+process keeps its own map within the same caps.
 
 Rows are plain JSON-able dicts and lists, so the maps of several worker
 processes (and, later, of several proxies) are combined by `merge_rows`.
@@ -46,15 +45,20 @@ _KIND = tuple({0: DATA, 2: SERVFAIL, 3: NXDOMAIN, 5: REFUSED}.get(rcode, OTHER)
 
 DEFAULT_MAX_CLIENTS = 10_000
 DEFAULT_MAX_NAMES = 1_000
+DEFAULT_MAX_ENTRIES = 100_000
 
 
 class DepMap:
     """Per client address, per question: counts of the upstream's answers."""
 
     def __init__(self, max_clients: int = DEFAULT_MAX_CLIENTS,
-                 max_names: int = DEFAULT_MAX_NAMES) -> None:
+                 max_names: int = DEFAULT_MAX_NAMES,
+                 max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self.max_clients = max_clients
         self.max_names = max_names
+        self.max_entries = max_entries
+        self.entries = 0
+        """Question entries over all clients (bounded by max_entries)."""
         self.clients: dict[str, dict[bytes, list[float]]] = {}
         """Client address -> question bytes -> entry (see FIRST... TIMEOUT)."""
         self.first_seen: dict[str, float] = {}
@@ -114,15 +118,17 @@ class DepMap:
 
     def _new_entry(self, client: str, names: dict[bytes, list[float]],
                    question: bytes) -> list[float] | None:
-        if len(names) >= self.max_names:
+        if len(names) >= self.max_names or self.entries >= self.max_entries:
             self.names_overflow[client] = self.names_overflow.get(client, 0) + 1
             return None
+        self.entries += 1
         now = self.now
         entry: list[float] = [now, now, 0.0, 0, 0, 0, 0, 0, 0, 0]
         names[question] = entry
         return entry
 
     def clear(self) -> None:
+        self.entries = 0
         self.clients.clear()
         self.first_seen.clear()
         self.names_overflow.clear()

@@ -86,6 +86,21 @@ def test_caps_count_the_overflow():
     assert rows["clients_overflow"] == 3
 
 
+def test_the_entries_cap_holds_over_all_clients_and_a_clear_frees_it():
+    deps = DepMap(max_clients=10, max_names=10, max_entries=3)
+    feed(deps, "10.0.0.1", "a.test.")
+    feed(deps, "10.0.0.1", "b.test.")
+    feed(deps, "10.0.0.2", "a.test.")
+    feed(deps, "10.0.0.2", "b.test.", times=2)  # a fourth entry: only counted
+    feed(deps, "10.0.0.1", "a.test.")  # an entry it has: counted in it
+    rows = deps.rows()
+    assert [(c["client"], c["names_overflow"], len(c["names"])) for c in rows["clients"]] == [
+        ("10.0.0.1", 0, 2), ("10.0.0.2", 2, 1)]
+    deps.clear()
+    feed(deps, "10.0.0.3", "c.test.")
+    assert [len(c["names"]) for c in deps.rows()["clients"]] == [1]
+
+
 def test_merge_rows_sums_workers():
     one, two = known_map(), DepMap()
     two.tick(900.0)
