@@ -1,0 +1,316 @@
+"""The game-day console (proxy/console/) in a real browser: Playwright driving
+Debian's Chromium against a real proxy with a real unbound behind it, and
+real DNS traffic from dnspython on three loopback source addresses.
+
+The tests run in file order on one page, as an operator would use it: load,
+read the dependency map, try to start without the token (refused, visibly),
+start with it (preview and preflight first), watch answers change and the
+affected clients fill, pause, resume, stop.  A screenshot of each step goes
+to tests/artifacts/console/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import dns.rcode
+import pytest
+
+from support import zone
+from support.dnsutil import make_query, udp
+from support.net import wait_until
+
+from .gameday_helpers import TOKEN, api, write_scenarios
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "console"
+NX, OK = dns.rcode.NXDOMAIN, dns.rcode.NOERROR
+# Who asks what: .2 and .3 ask for www (the scenario's name), .4 only for host5.
+CLIENTS = {"127.0.0.2": [zone.WWW, zone.host_name(1)], "127.0.0.3": [zone.WWW, zone.MX_TARGET],
+           "127.0.0.4": [zone.host_name(5)]}
+OUTAGE = {"name": "www-outage", "description": "www.example.test goes NXDOMAIN, then SERVFAIL",
+          "phases": [
+              {"name": "nxdomain", "duration": "10m",
+               "rules": [{"name": "www-nx", "match": {"name": zone.WWW}, "fault": "nxdomain"}]},
+              {"name": "servfail", "duration": "5m",
+               "rules": [{"name": "www-sf", "match": {"name": zone.WWW}, "fault": "servfail"}]},
+          ]}
+SLOW_MAIL = {"name": "slow-mail", "description": "mail answers late",
+             "phases": [{"name": "slow", "duration": "2m", "rules": [
+                 {"name": "mail-delay", "match": {"name": zone.MX_TARGET},
+                  "fault": {"type": "delay", "delay": "300ms"}}]}]}
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update",
+               "--disable-sync"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(),
+                       reason="/usr/bin/chromium is not installed (make test installs it)"),
+]
+
+
+def rcode(source: str, name: str = zone.WWW) -> int:
+    return udp(make_query(name, "A"), "127.0.0.1", PROXY_PORT[0], timeout=2.0,
+               source=source).rcode()
+
+
+PROXY_PORT = [0]
+
+
+class Traffic(threading.Thread):
+    """Each client asks for its names every 0.2 s: bounded in count and time."""
+
+    def __init__(self, port: int, limit: int = 2000, seconds: float = 120.0) -> None:
+        super().__init__(daemon=True)
+        self.port, self.limit, self.seconds = port, limit, seconds
+        self.stop_event = threading.Event()
+        self.sent = 0
+
+    def run(self) -> None:
+        end = time.monotonic() + self.seconds
+        while not self.stop_event.is_set() and time.monotonic() < end and self.sent < self.limit:
+            for source, names in CLIENTS.items():
+                for name in names:
+                    try:
+                        udp(make_query(name, "A"), "127.0.0.1", self.port, timeout=1.0,
+                            source=source)
+                    except Exception:  # noqa: BLE001 - a timeout here is a test's business
+                        pass
+                    self.sent += 1
+            self.stop_event.wait(0.2)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(5)
+
+
+@pytest.fixture(scope="module")
+def proxy(start_module_proxy, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("console")
+    write_scenarios(tmp / "scenarios", OUTAGE, SLOW_MAIL)
+    proxy = start_module_proxy("--scenario-dir", str(tmp / "scenarios"),
+                               config={"admin_token": TOKEN})
+    PROXY_PORT[0] = proxy.port
+    traffic = Traffic(proxy.port)
+    traffic.start()
+    yield proxy
+    traffic.stop()
+
+
+class Browser:
+    """One page, with every console message, page error, failed request and
+    error response it saw."""
+
+    def __init__(self, page) -> None:
+        self.page = page
+        self.console: list[str] = []
+        self.errors: list[str] = []
+        self.failed: list[str] = []
+        self.responses: list[tuple[int, str, str]] = []
+        page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}")
+                if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("requestfailed", lambda r: self.failed.append(f"{r.url} {r.failure}"))
+        page.on("response", lambda r: self.responses.append((r.status, r.request.method, r.url))
+                if r.status >= 400 else None)
+
+    def shot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture(scope="module")
+def browser(proxy):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+        context = chromium.new_context(viewport={"width": 1280, "height": 900})
+        context.set_default_timeout(8000)
+        yield Browser(context.new_page())
+        context.close()
+        chromium.close()
+
+
+def expect(locator):
+    from playwright.sync_api import expect as pw_expect
+    return pw_expect(locator)
+
+
+def deps_available(proxy) -> bool:
+    return api(proxy, "GET", "/api/dependencies")[0] != 404
+
+
+def preview_available(proxy) -> bool:
+    return api(proxy, "POST", "/api/preview", {"scenario": "www-outage"})[0] != 404
+
+
+def run_ids(proxy) -> list[str]:
+    return [r["run"] for r in api(proxy, "GET", "/api/runs")[1]["runs"]]
+
+
+def test_page_loads_with_no_errors(proxy, browser):
+    page = browser.page
+    response = page.goto(proxy.admin_url + "/")
+    assert response.status == 200
+    assert response.headers["content-security-policy"].startswith("default-src 'self'")
+    expect(page.locator("#scenarios tbody tr[data-key='www-outage']")).to_contain_text(
+        "www.example.test goes NXDOMAIN")
+    expect(page.locator("#scenarios tbody tr[data-key='slow-mail']")).to_be_visible()
+    expect(page.locator("#runs-empty")).to_be_visible()
+    expect(page.locator("#conn")).to_have_text("live")
+    # Queries per second from the /metrics counters: the traffic makes some.
+    wait_until(lambda: page.locator("#qps").inner_text() not in ("-", "0.0"), timeout=8,
+               what="a query rate")
+    assert page.locator("#fps").inner_text() == "0.0"  # nothing faulted yet
+    browser.shot("01-loaded")
+    assert browser.console == [] and browser.errors == [] and browser.failed == []
+    # Not even a 404 for an endpoint this proxy lacks: the page asks only for
+    # the routes /console/routes.json lists.
+    assert browser.responses == []
+
+
+def test_dependency_table_lists_the_clients_that_queried(proxy, browser):
+    page = browser.page
+    if not deps_available(proxy):
+        expect(page.locator("#deps-state")).to_contain_text("not available")
+        browser.shot("02-dependencies")
+        pytest.skip("no /api/dependencies on this proxy yet (the deps branch adds it)")
+    rows = page.locator("#deps-table tbody tr[data-name]")
+    wait_until(lambda: {r.get_attribute("data-client") for r in rows.all()} == set(CLIENTS),
+               timeout=8, what="the three clients in the dependency table")
+    pairs = {(r.get_attribute("data-client"), r.get_attribute("data-name")) for r in rows.all()}
+    assert pairs == {(c, n) for c, names in CLIENTS.items() for n in names}
+    graph = page.locator("#deps-graph")
+    assert {g.get_attribute("data-client") for g in graph.locator("g[data-client]").all()} \
+        == set(CLIENTS)
+    browser.shot("02-dependencies")
+
+
+def test_start_without_the_token_is_refused_visibly(proxy, browser):
+    page = browser.page
+    page.locator("#scenarios tbody tr[data-key='www-outage'] button.start").click()
+    expect(page.locator("#start-dialog")).to_be_visible()
+    if preview_available(proxy):  # the preview is a POST: it asks for the token first
+        expect(page.locator("#token-dialog")).to_be_visible()
+        page.locator("#token-cancel").click()
+        expect(page.locator("#message")).to_contain_text("refused, this needs the admin token")
+    page.locator("#start-confirm").click()  # start, without a token
+    expect(page.locator("#token-dialog")).to_be_visible()
+    page.locator("#token-cancel").click()
+    expect(page.locator("#message")).to_contain_text(
+        "start www-outage: refused, this needs the admin token")
+    expect(page.locator("#message")).to_have_class("error")
+    expect(page.locator("#start-error")).to_contain_text("Authorization: Bearer")
+    browser.shot("03-refused-without-token")
+    page.locator("#start-cancel").click()
+    assert run_ids(proxy) == []
+    assert rcode("127.0.0.2") == OK
+
+
+def give_token(page) -> None:
+    """A wrong token first (refused, asked again), then the right one."""
+    expect(page.locator("#token-dialog")).to_be_visible()
+    page.locator("#token-dialog input").fill("not-the-token-at-all")
+    page.locator("#token-save").click()
+    expect(page.locator("#message")).to_contain_text("the token given is wrong")
+    expect(page.locator("#token-dialog")).to_be_visible()  # asked again
+    page.locator("#token-dialog input").fill(TOKEN)
+    page.locator("#token-save").click()
+    expect(page.locator("#token-dialog")).to_be_hidden()
+
+
+def test_start_from_the_page_changes_real_answers(proxy, browser):
+    page = browser.page
+    assert rcode("127.0.0.2") == OK
+    page.locator("#scenarios tbody tr[data-key='www-outage'] button.start").click()
+    with_preview = preview_available(proxy)
+    if with_preview:
+        give_token(page)
+    # The preview and the preflight come before the confirmation.
+    expect(page.locator("#start-confirm")).to_be_enabled()
+    expect(page.locator("#start-phases")).to_contain_text("www-nx → nxdomain")
+    if with_preview:
+        expect(page.locator("#preview-table")).to_contain_text("www-nx")
+        expect(page.locator("#preflight")).to_contain_text("Preflight")
+    else:
+        expect(page.locator("#preview")).to_contain_text("not available")
+        expect(page.locator("#preflight")).to_contain_text("Not available")
+    browser.shot("04-preview")
+    assert run_ids(proxy) == [] and rcode("127.0.0.2") == OK  # nothing started yet
+    page.locator("#start-confirm").click()
+    if not with_preview:
+        give_token(page)
+    expect(page.locator("#start-dialog")).to_be_hidden()
+    expect(page.locator("#message")).to_contain_text("started www-outage-")
+    (run,) = run_ids(proxy)
+    row = page.locator(f"#runs tbody tr[data-key='{run}']")
+    expect(row).to_contain_text("running")
+    expect(row).to_contain_text("1/2 nxdomain")
+    # Real answers changed: www is NXDOMAIN for the clients, host5 is not.
+    assert rcode("127.0.0.2") == NX and rcode("127.0.0.3") == NX
+    assert rcode("127.0.0.4", zone.host_name(5)) == OK
+    affected = page.locator("#affected tbody tr")
+    wait_until(lambda: {r.get_attribute("data-key") for r in affected.all()}
+               == {"127.0.0.2", "127.0.0.3"}, timeout=8, what="the affected clients")
+    expect(page.locator("#affected tbody tr[data-key='127.0.0.2']")).to_contain_text(
+        "nxdomain: ")
+    expect(page.locator("#countdown")).to_contain_text("Phase 1 of 2")
+    wait_until(lambda: page.locator("#fps").inner_text() not in ("-", "0.0"), timeout=8,
+               what="a fault rate")
+    browser.shot("05-running")
+
+
+def test_pause_and_resume_from_the_page(proxy, browser):
+    page = browser.page
+    (run,) = run_ids(proxy)
+    row = page.locator(f"#runs tbody tr[data-key='{run}']")
+    row.locator("button.pause").click()
+    expect(row.locator(".state")).to_have_text("paused")
+    assert rcode("127.0.0.2") == OK  # a paused run changes nothing
+    expect(page.locator("#countdown")).to_contain_text("Paused in phase")
+    browser.shot("06-paused")
+    row.locator("button.resume").click()
+    expect(row.locator(".state")).to_have_text("running")
+    assert rcode("127.0.0.2") == NX
+
+
+def test_stop_reverts_the_answers(proxy, browser):
+    page = browser.page
+    (run,) = run_ids(proxy)
+    row = page.locator(f"#runs tbody tr[data-key='{run}']")
+    row.locator("button.stop").click()
+    expect(row.locator(".state")).to_have_text("ended")
+    assert rcode("127.0.0.2") == OK and rcode("127.0.0.3") == OK
+    expect(page.locator("#countdown")).to_contain_text("Ended: stopped")
+    # The affected clients stay listed: the run's report.
+    expect(page.locator("#affected tbody tr[data-key='127.0.0.2']")).to_be_visible()
+    browser.shot("07-stopped")
+    # The only error answers were the refusals before the token was given
+    # (Chromium logs each as "Failed to load resource"), all of them POSTs.
+    refusals = [r for r in browser.responses if r[0] == 401]
+    assert refusals and refusals == browser.responses
+    assert {method for _, method, _ in refusals} == {"POST"}
+    assert set(browser.console) == {"error: Failed to load resource: the server responded "
+                                    "with a status of 401 (Unauthorized)"}
+    assert browser.errors == [] and browser.failed == []
+
+
+def test_recovery_is_shown_as_it_happens(proxy, browser):
+    page = browser.page
+    (run,) = run_ids(proxy)
+    if "recovery" not in api(proxy, "GET", f"/api/runs/{run}")[1]:
+        expect(page.locator("#recovery-state")).to_contain_text("not available")
+        pytest.skip("no recovery in GET /api/runs/{id} on this proxy yet (the deps branch "
+                    "adds it)")
+    rows = page.locator("#recovery tbody tr")
+    wait_until(lambda: {r.get_attribute("data-key") for r in rows.all()}
+               >= {f"127.0.0.2 {zone.WWW}", f"127.0.0.3 {zone.WWW}"}, timeout=8,
+               what="recovery entries")
+    expect(page.locator(f"#recovery tbody tr[data-key='127.0.0.2 {zone.WWW}']")).to_contain_text(
+        "recovered")
+    browser.shot("08-recovery")
