@@ -126,6 +126,7 @@
     const headers = { Accept: "application/json" };
     if (state.token) headers.Authorization = "Bearer " + state.token;
     const init = { method, headers, cache: "no-store" };
+    if (method !== "GET") headers["X-Dnschaos-User"] = "console";  // the audit log's "who"
     if (body !== undefined) {
       headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -424,7 +425,7 @@
   }
 
   // The phases as segments, the one in force highlighted, a marker at "now".
-  function timeline(run, mini) {
+  function timeline(run, mini, report) {
     const lengths = phaseLengths(state.details.get(run.scenario), run);
     const box = mini ? svg("svg", { class: "mini", viewBox: "0 0 180 14", preserveAspectRatio: "none" })
       : $("#timeline");
@@ -435,21 +436,27 @@
     if (!mini) box.setAttribute("viewBox", `0 0 ${width} ${height}`);
     box.classList.toggle("paused", run.state === "paused");
     const total = lengths.reduce((sum, p) => sum + p.length, 0) || 1;
-    const current = run.state === "ended" ? lengths.length : (run.phase_index ?? -1);
+    const ended = run.state === "ended";
+    const current = ended ? -1 : (run.phase_index ?? -1);
+    // An ended run: the phases it went through (its report's timeline) are done.
+    const ran = new Set(((report && report.timeline) || []).map((p) => p.index));
     let x = 0;
     let marker = null;
     lengths.forEach((p, i) => {
       const w = (p.length / total) * width;
-      const cls = i < current ? "seg-done" : i === current ? "seg-current" : "seg-next";
+      const cls = ended ? (ran.has(i) ? "seg-done" : "seg-next")
+        : i < current ? "seg-done" : i === current ? "seg-current" : "seg-next";
       const rect = svg("rect", { x, y: mini ? 0 : 4, width: Math.max(1, w), height: mini ? 14 : 30, class: cls });
       rect.append(svg("title", {}, `${p.name}: ${duration(p.length)}`));
       box.append(rect);
+      if (i === current && run.remaining !== null && run.remaining !== undefined) {
+        marker = x + w * Math.min(1, Math.max(0, 1 - run.remaining / (p.length || 1)));
+        box.append(svg("rect", { x, y: mini ? 0 : 4, width: Math.max(0, marker - x),
+          height: mini ? 14 : 30, class: "seg-elapsed" }));
+      }
       if (!mini && w > 40) {
         box.append(svg("text", { x: x + 6, y: 24 }, `${i + 1}. ${p.name}`));
         box.append(svg("text", { x: x + 6, y: 52, class: "len" }, duration(p.length)));
-      }
-      if (i === current && run.remaining !== null && run.remaining !== undefined) {
-        marker = x + w * Math.min(1, Math.max(0, 1 - run.remaining / (p.length || 1)));
       }
       x += w;
     });
@@ -470,6 +477,7 @@
       renderRecovery(null);
       return;
     }
+    await scenarioDetail(run.scenario);
     const detailReq = read(`/api/runs/${encodeURIComponent(id)}`);
     let report = state.reports.get(id);
     let reportReq = null;
@@ -488,7 +496,7 @@
 
   function renderDetail(run, report) {
     $("#detail-run").textContent = `${run.run} (${run.scenario})`;
-    timeline(run, false);
+    timeline(run, false, report);
     const text = $("#countdown");
     text.replaceChildren();
     if (run.state === "running" || run.state === "paused") {
@@ -814,6 +822,7 @@
       note.className = "empty";
       $("#deps-table").hidden = true;
       $("#deps-graph").replaceChildren();
+      $("#deps-graph").classList.add("none");
       return;
     }
     if (r.status !== 200) {
@@ -872,6 +881,7 @@
   function drawGraph(clients) {
     const box = $("#deps-graph");
     box.replaceChildren();
+    box.classList.toggle("none", !clients.length);
     if (!clients.length) return;
     const shownClients = clients.slice().sort((a, b) => b.queries - a.queries).slice(0, 15);
     const names = new Map();

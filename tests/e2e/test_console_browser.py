@@ -286,7 +286,8 @@ def test_stop_reverts_the_answers(proxy, browser):
     row.locator("button.stop").click()
     expect(row.locator(".state")).to_have_text("ended")
     assert rcode("127.0.0.2") == OK and rcode("127.0.0.3") == OK
-    expect(page.locator("#countdown")).to_contain_text("Ended: stopped")
+    expect(page.locator("#countdown")).to_have_text(
+        "Ended: stopped (stopped by console (token): stopped from the console)")
     # The affected clients stay listed: the run's report.
     expect(page.locator("#affected tbody tr[data-key='127.0.0.2']")).to_be_visible()
     browser.shot("07-stopped")
