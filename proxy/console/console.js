@@ -165,7 +165,7 @@
       return null;
     }
     if (r.status === 0) return null;
-    setConn("ok", state.token ? "live (token)" : "live");
+    if (!state.readsBlocked) setConn("ok", state.token ? "live (token)" : "live");
     return r;
   }
 

@@ -131,7 +131,9 @@ def browser(proxy):
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
         context = chromium.new_context(viewport={"width": 1280, "height": 900})
         context.set_default_timeout(8000)
-        yield Browser(context.new_page())
+        browser = Browser(context.new_page())
+        browser.context = context
+        yield browser
         context.close()
         chromium.close()
 
@@ -315,3 +317,30 @@ def test_recovery_is_shown_as_it_happens(proxy, browser):
     expect(page.locator(f"#recovery tbody tr[data-key='127.0.0.2 {zone.WWW}']")).to_contain_text(
         "recovered")
     browser.shot("08-recovery")
+
+
+def test_reads_behind_the_token_ask_for_it_on_load(start_proxy, browser, unbound):
+    """With metrics_auth, /metrics needs the token even on loopback: the
+    page asks for it as it loads, and the rates come once it is given."""
+    other = start_proxy(config={"admin_token": TOKEN, "metrics_auth": True})
+    udp(make_query(zone.WWW, "A"), other.host, other.port, source="127.0.0.2")
+    second = Browser(browser.context.new_page())
+    page = second.page
+    try:
+        page.goto(other.admin_url + "/")
+        expect(page.locator("#token-dialog")).to_be_visible()
+        expect(page.locator("#token-why")).to_contain_text("needs its admin token to show")
+        expect(page.locator("#conn")).to_have_text("token needed")
+        assert page.locator("#qps").inner_text() == "-"
+        second.shot("09-token-asked-on-load")
+        page.locator("#token-dialog input").fill(TOKEN)
+        page.locator("#token-save").click()
+        expect(page.locator("#token-dialog")).to_be_hidden()
+        expect(page.locator("#conn")).to_have_text("live (token)")
+        wait_until(lambda: page.locator("#qps").inner_text() != "-", timeout=8,
+                   what="a query rate once the token is given")
+        assert {(status, method, url.rsplit("/", 1)[-1])
+                for status, method, url in second.responses} == {(401, "GET", "metrics")}
+        assert second.errors == [] and second.failed == []
+    finally:
+        page.close()
