@@ -27,9 +27,11 @@ from .gameday_helpers import TOKEN, api, write_scenarios
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "console"
 NX, OK = dns.rcode.NXDOMAIN, dns.rcode.NOERROR
-# Who asks what: .2 and .3 ask for www (the scenario's name), .4 only for host5.
+# Who asks what: .2 and .3 ask for www (the scenario's name), .4 not (for
+# host5, and for a name that is HTML, which the page must show as text).
+HOSTILE = "<b>bold</b>.example.test."
 CLIENTS = {"127.0.0.2": [zone.WWW, zone.host_name(1)], "127.0.0.3": [zone.WWW, zone.MX_TARGET],
-           "127.0.0.4": [zone.host_name(5)]}
+           "127.0.0.4": [zone.host_name(5), HOSTILE]}
 OUTAGE = {"name": "www-outage", "description": "www.example.test goes NXDOMAIN, then SERVFAIL",
           "phases": [
               {"name": "nxdomain", "duration": "10m",
@@ -187,6 +189,10 @@ def test_dependency_table_lists_the_clients_that_queried(proxy, browser):
                timeout=8, what="the three clients in the dependency table")
     pairs = {(r.get_attribute("data-client"), r.get_attribute("data-name")) for r in rows.all()}
     assert pairs == {(c, n) for c, names in CLIENTS.items() for n in names}
+    # The name that is HTML is text: no <b> element anywhere in the map.
+    cell = page.locator(f"#deps-table tbody tr[data-client='127.0.0.4'] td:text-is('{HOSTILE}')")
+    expect(cell).to_have_count(1)
+    assert page.locator("#deps-section b").count() == 0
     graph = page.locator("#deps-graph")
     assert {g.get_attribute("data-client") for g in graph.locator("g[data-client]").all()} \
         == set(CLIENTS)
