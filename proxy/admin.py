@@ -13,6 +13,7 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from proxy.affected import ClientGroups
 from proxy.api import Handler, add_routes, auth_middleware
 from proxy.config import Settings
 from proxy.console import add_console_routes
@@ -45,6 +46,8 @@ HEALTH_TIMEOUT = 0.5
 """Seconds /health waits for the workers' upstream views; a late worker's
 last known view is used."""
 READS = ("GET", "HEAD")
+DEPS_PATHS = ("/api/dependencies", "/api/preview", "/api/scenarios/", "/api/runs")
+"""Requests that read the dependency map (preview, preflight at start, recovery)."""
 
 
 def make_app(server: Served) -> web.Application:
@@ -57,6 +60,8 @@ def make_app(server: Served) -> web.Application:
             await server.refresh(("forwarder",), HEALTH_TIMEOUT)
         elif path == "/metrics":
             await server.refresh()
+        elif path.startswith(DEPS_PATHS):  # ...and the dependency map
+            await server.refresh(("stats", "clients", "deps"))
         elif path.startswith("/api/"):  # rule and run counts, reports
             await server.refresh(("stats", "clients"))
         response = await handler(request)
@@ -86,6 +91,6 @@ def make_app(server: Served) -> web.Application:
 
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    add_routes(app, server.gameday, server.audit)
+    add_routes(app, server.gameday, server.audit, ClientGroups(settings.client_groups))
     add_console_routes(app)
     return app

@@ -17,10 +17,12 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.affected import ClientGroups
 from proxy.console import is_console_path
-from proxy.core.model import Rule
+from proxy.core.model import Rule, Scenario
 from proxy.core.schedule import format_time, next_start, parse_time
 from proxy.core.spec import parse_duration
+from proxy.dependencies import client_view, name_view
 from proxy.errors import DnschaosError, InvalidFile
 from proxy.gameday import views
 from proxy.gameday.audit import AuditLog
@@ -31,15 +33,22 @@ from proxy.loader import load_model
 
 GAMEDAY = web.AppKey("gameday", GameDay)
 AUDIT = web.AppKey("audit", AuditLog)
+GROUPS = web.AppKey("groups", ClientGroups)
+DEFAULT_WINDOW = 3600.0
+"""Seconds of the dependency map that preview and preflight look at by default."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
 
-def add_routes(app: web.Application, gameday: GameDay, audit: AuditLog) -> None:
+def add_routes(app: web.Application, gameday: GameDay, audit: AuditLog,
+               groups: ClientGroups | None = None) -> None:
     app[GAMEDAY] = gameday
     app[AUDIT] = audit
+    app[GROUPS] = groups or ClientGroups()
     r = app.router
+    r.add_get("/api/dependencies", dependencies)
+    r.add_post("/api/preview", preview)
     r.add_get("/api/status", status)
     r.add_get("/api/scenarios", list_scenarios)
     r.add_get("/api/scenarios/{name}", show_scenario)
@@ -277,18 +286,28 @@ def _duration(value: Any) -> float | None:
 @_errors
 async def start_scenario(request: web.Request) -> web.Response:
     body = _body(request)
-    unknown = set(body) - {"at", "dry_run", "time_scale", "max_duration"}
+    unknown = set(body) - {"at", "dry_run", "time_scale", "max_duration", "require_traffic"}
     if unknown:
         raise ValueError(f"unknown keys {sorted(unknown)}: expected at, dry_run, time_scale, "
-                         "max_duration")
+                         "max_duration, require_traffic")
     time_scale = body.get("time_scale")
     if time_scale is not None and not isinstance(time_scale, (int, float)):
         raise ValueError("time_scale must be a number")
+    gd = _gd(request)
+    name = request.match_info["name"]
+    if gd.catalog.get(name) is None:
+        raise NotFound(f"no scenario called {name!r}")
+    checked = gd.preview(name, DEFAULT_WINDOW)["preflight"]
+    if body.get("require_traffic") and checked["selects_nothing"]:
+        return _ok({"error": "require_traffic: rules that would select no query: "
+                    + ", ".join(checked["selects_nothing"]), "preflight": checked}, status=409)
     record = _gd(request).start(
         request.match_info["name"], at=_time(body.get("at")),
         dry_run=bool(body.get("dry_run", False)), time_scale=time_scale,
         max_duration=_duration(body.get("max_duration")), trigger="api", who=who(request))
-    return _ok(views.run_row(_gd(request), record.id), status=201, audit={"run": record.id})
+    row = views.run_row(_gd(request), record.id)
+    row["preflight"] = checked
+    return _ok(row, status=201, audit={"run": record.id})
 
 
 @_errors
@@ -296,6 +315,62 @@ async def reload(request: web.Request) -> web.Response:
     changes = _gd(request).reload()
     return _ok({"changed": changes.changed, "removed": changes.removed,
                 "errors": changes.errors})
+
+
+# --- dependency map and preview --------------------------------------------------------------
+
+
+@_errors
+async def dependencies(request: web.Request) -> web.Response:
+    """?client= (address or group) &suffix= (zone) &since= (time, or a duration ago) &by=name"""
+    gd = _gd(request)
+    query = request.query
+    unknown = set(query) - {"client", "suffix", "since", "by"}
+    if unknown:
+        raise ValueError(f"unknown parameters {sorted(unknown)}: expected client, suffix, "
+                         "since, by")
+    now = gd.clock()
+    since = None
+    if query.get("since"):
+        text = query["since"]
+        try:
+            since = now - parse_duration(text)
+        except ValueError:
+            since = _time(float(text) if _number(text) else text)
+    by = query.get("by", "client")
+    if by not in ("client", "name"):
+        raise ValueError("by is client or name")
+    view = client_view(gd.deps(), request.app[GROUPS], now, client=query.get("client") or None,
+                       suffix=query.get("suffix") or None, since=since)
+    return _ok(name_view(view) if by == "name" else view)
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@_errors
+async def preview(request: web.Request) -> web.Response:
+    body = await request.json() if request.can_read_body else {}
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    unknown = set(body) - {"scenario", "window"}
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}: expected scenario, window")
+    given = body.get("scenario")
+    ref: str | Scenario
+    if isinstance(given, str):
+        ref = given
+    elif isinstance(given, dict):
+        ref = load_model(json.dumps(given), "<api>", Scenario)
+    else:
+        raise ValueError('"scenario" is a scenario name or an inline scenario document')
+    window = _duration(body.get("window")) or DEFAULT_WINDOW
+    return _ok(_gd(request).preview(ref, window))
 
 
 # --- runs -----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ print readable tables (or the API's JSON with --json)."""
 from __future__ import annotations
 
 import argparse
+import csv
 import getpass
 import json
 import os
@@ -11,11 +12,13 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from proxy.config import DEFAULT_ADMIN
+from proxy.core.schedule import format_time
 from proxy.errors import DnschaosError
 from proxy.gameday.report import to_markdown
 
@@ -118,6 +121,8 @@ def add_client_commands(commands: Any) -> None:
                        help="count what would be affected, change no answer")
     start.add_argument("--time-scale", type=float, metavar="FACTOR")
     start.add_argument("--max-duration", metavar="DURATION", help="hard limit, e.g. 30m")
+    start.add_argument("--require-traffic", action="store_true",
+                       help="refuse to start when a rule would select no query of the last hour")
     for action, text in (("stop", "stop runs"), ("pause", "pause runs (their phases freeze)"),
                          ("resume", "resume paused runs")):
         p = sub.add_parser(action, parents=[common], help=text)
@@ -146,6 +151,23 @@ def add_client_commands(commands: Any) -> None:
     rm = rsub.add_parser("rm", parents=[common], help="remove a rule")
     rm.add_argument("name")
     rsub.add_parser("list", parents=[common], help="the ad hoc rules")
+
+    deps = commands.add_parser("deps", parents=[common],
+                               help="the dependency map: which client asked for which names")
+    deps.add_argument("--by", choices=["client", "name"], default="client",
+                      help="client -> names (default) or name -> clients")
+    deps.add_argument("--client", help="one client: an address or a client_groups name")
+    deps.add_argument("--suffix", help="names under this zone only")
+    deps.add_argument("--since", help="seen within this long (10m) or since a time (ISO 8601)")
+    fmt = deps.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true", help="CSV rows")
+    fmt.add_argument("--dot", action="store_true", help="a Graphviz graph, client -> name")
+    preview = commands.add_parser("preview", parents=[common],
+                                  help="who a scenario would hit, from the dependency map")
+    preview.add_argument("scenario", metavar="FILE|NAME",
+                         help="a scenario file, or the name of a scenario the proxy knows")
+    preview.add_argument("--window", default="1h",
+                         help="how far back the map is read (default 1h)")
 
     commands.add_parser("reset", parents=[common], help="heal everything at once")
     report = commands.add_parser("report", parents=[common], help="a run's report")
@@ -185,8 +207,11 @@ def run_client(args: argparse.Namespace) -> int:
             body["time_scale"] = args.time_scale
         if args.max_duration:
             body["max_duration"] = args.max_duration
+        if args.require_traffic:
+            body["require_traffic"] = True
         out = client.call("POST", f"/api/scenarios/{_q(args.name)}/start", body)
         _warn(out)
+        _preflight(out.get("preflight"))
         return _print(args, out, f"run {out['run']} {out['state']}"
                       f" (starts {out['started_at']}, hard end {out['hard_end']})"
                       + (" [dry run]" if out["dry_run"] else ""))
@@ -238,6 +263,10 @@ def run_client(args: argparse.Namespace) -> int:
         return _print(args, out, table(out["rules"], ["name", "match", "fault", "expires_at",
                                                       "matched", "injected"])
                       if out["rules"] else "no ad hoc rule")
+    if command == "deps":
+        return _deps(args, client)
+    if command == "preview":
+        return _preview(args, client)
     if command == "reset":
         out = client.call("POST", "/api/reset", {})
         return _print(args, out, f"reset: {len(out['runs'])} run(s) stopped, "
@@ -254,6 +283,85 @@ def run_client(args: argparse.Namespace) -> int:
         out = client.call("GET", f"/api/reports/{_q(args.run)}")
         return _print(args, out, to_markdown(out).rstrip("\n"))
     raise DnschaosError(f"unknown command {command} {action or ''}")
+
+
+def _deps(args: argparse.Namespace, client: Client) -> int:
+    query = {k: v for k, v in (("client", args.client), ("suffix", args.suffix),
+                                ("since", args.since)) if v}
+    out = client.call("GET", "/api/dependencies", query=query)
+    pairs = [(c["client"], n["name"], n["queries"]) for c in out["clients"] for n in c["names"]]
+    if args.csv and not args.json:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["client", "name", "queries", "qtypes", *ANSWERS])
+        for c in out["clients"]:
+            for n in c["names"]:
+                writer.writerow([c["client"], n["name"], n["queries"],
+                                 " ".join(f"{k}:{v}" for k, v in sorted(n["qtypes"].items())),
+                                 *(n["answers"].get(k, 0) for k in ANSWERS)])
+        return 0
+    if args.dot and not args.json:
+        print("digraph dependencies {\n  rankdir=LR;")
+        for who, name, queries in pairs:
+            print(f"  {json.dumps(who)} -> {json.dumps(name)} [label={queries}];")
+        print("}")
+        return 0
+    if args.by == "name":
+        names: dict[str, list[str]] = {}
+        counts: dict[str, int] = {}
+        for who, name, queries in pairs:
+            names.setdefault(name, []).append(f"{who} ({queries})")
+            counts[name] = counts.get(name, 0) + queries
+        rows = [{"name": n, "queries": counts[n], "clients": ", ".join(c)}
+                for n, c in sorted(names.items(), key=lambda kv: (-counts[kv[0]], kv[0]))]
+        text = table(rows, ["name", "queries", "clients"]) if rows else "no query seen"
+        return _print(args, out, text)
+    rows = [{"client": c["client"], "name": n["name"], "queries": n["queries"],
+             "qtypes": " ".join(f"{k}:{v}" for k, v in sorted(n["qtypes"].items())),
+             "answers": " ".join(f"{k}:{v}" for k, v in n["answers"].items() if v),
+             "last_seen": format_time(n["last_seen"])}
+            for c in out["clients"] for n in c["names"]]
+    text = (table(rows, ["client", "name", "queries", "qtypes", "answers", "last_seen"])
+            if rows else "no query seen")
+    if out.get("clients_overflow"):
+        text += f"\n\n{out['clients_overflow']} queries from clients beyond the map's cap"
+    return _print(args, out, text)
+
+
+ANSWERS = ("data", "nodata", "nxdomain", "servfail", "refused", "timeout", "other")
+
+
+def _preview(args: argparse.Namespace, client: Client) -> int:
+    path = Path(args.scenario)
+    scenario: Any = args.scenario
+    if path.is_file():
+        scenario = _mapping(path.read_text())
+        if not isinstance(scenario, dict):
+            raise DnschaosError(f"{path}: not a scenario mapping")
+    out = client.call("POST", "/api/preview", {"scenario": scenario, "window": args.window})
+    rows = []
+    for phase in out["phases"]:
+        for rule in phase["rules"]:
+            if not rule["clients"]:
+                rows.append({"phase": phase["name"], "rule": rule["name"],
+                             "fault": rule["fault"], "client": "-", "names": "-",
+                             "queries": 0, "expected_faults": 0})
+            for c in rule["clients"]:
+                rows.append({"phase": phase["name"], "rule": rule["name"],
+                             "fault": rule["fault"], "client": c["client"],
+                             "names": ", ".join(n["name"] for n in c["names"]),
+                             "queries": c["queries"],
+                             "expected_faults": f"{c['expected_faults']:.1f}"})
+    text = table(rows, ["phase", "rule", "fault", "client", "names", "queries",
+                        "expected_faults"])
+    if not args.json:
+        _preflight(out["preflight"])
+    return _print(args, out, text)
+
+
+def _preflight(checked: dict[str, Any] | None) -> None:
+    """Preflight warnings to stderr."""
+    for warning in (checked or {}).get("warnings") or []:
+        print(f"preflight: {warning['kind']}: {warning['message']}", file=sys.stderr)
 
 
 def _warn(out: dict[str, Any]) -> None:

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     run.add_argument("--workers", type=int, metavar="N",
                      help="processes answering DNS on the same port (SO_REUSEPORT; default 1)")
+    run.add_argument("--no-deps", dest="deps", action="store_const", const=False,
+                     help="keep no dependency map (to measure its cost)")
     run.add_argument("--no-uvloop", dest="uvloop", action="store_const", const=False,
                      help="use the standard asyncio event loop")
 
@@ -113,7 +115,7 @@ ENV_RUN = ("DNSCHAOS_SCENARIO", "DNSCHAOS_TIME_SCALE")
 """Variables for `dnschaos run`'s own flags --scenario and --time-scale (not settings)."""
 FLAG_SETTINGS = ("listen", "upstreams", "admin", "allow", "policy", "timeout", "deadline",
                  "log_level", "uvloop", "scenario_dir", "max_run_duration", "audit_log",
-                 "report_dir", "workers", "metrics_auth", "ended_run_retention")
+                 "report_dir", "workers", "metrics_auth", "ended_run_retention", "deps")
 
 
 def settings_values(args: argparse.Namespace,
@@ -225,7 +227,7 @@ def _main(argv: list[str] | None) -> int:
             return main_schema()
         if args.command == "demo":
             return run_demo(args.interval)
-        if args.command in ("scenario", "rule", "reset", "report"):
+        if args.command in ("scenario", "rule", "reset", "report", "deps", "preview"):
             return run_client(args)
     except InvalidFile as exc:
         print(exc, file=sys.stderr)

@@ -167,6 +167,15 @@ class Settings(Base):
     """Seconds /metrics keeps showing an ended run's per-rule and per-client series
     (its final counts), so a scrape after the run ended still sees them; keep it
     longer than the scrape interval."""
+    deps: bool = True
+    """Keep the dependency map (which client asked for which names; GET
+    /api/dependencies, preview, preflight, recovery).  Off only to measure its cost."""
+    deps_max_clients: Annotated[int, Field(ge=0, le=1_000_000)] = 10_000
+    """Client addresses the dependency map keeps per process; later ones are only counted."""
+    deps_max_names: Annotated[int, Field(ge=0, le=100_000)] = 1_000
+    """Questions (name and type) the map keeps per client; later ones are only counted."""
+    recovery_window: PositiveDuration = 600.0
+    """Seconds after a run ends that each affected client is watched for recovery."""
     workers: Annotated[int, Field(ge=1, le=256)] = 1
     """Processes answering DNS on the same addresses (SO_REUSEPORT); with more than
     one, the main process only runs the admin API and the game day and sends every

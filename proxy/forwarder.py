@@ -57,6 +57,7 @@ from typing import Any
 
 from proxy.config import Settings, split_hostport
 from proxy.core import wire
+from proxy.core.deps import DepMap
 from proxy.core.engine import Engine
 from proxy.core.query import QueryView, client_address
 from proxy.core.replies import header_reply, rcode_reply
@@ -140,6 +141,11 @@ class Forwarder(LoopProbes):
         self._last_probe = 0.0
         self._upstream_hosts = frozenset(u.addr[0] for u in self.upstreams)
         self._from_upstreams = 0  # queries from an upstream's address since the last sweep
+        self.deps: DepMap | None = (DepMap(settings.deps_max_clients, settings.deps_max_names)
+                                    if settings.deps else None)
+        """Who asked for what (core/deps.py); fed on the reply path, None when off."""
+        if self.deps is not None:
+            self.deps.tick(time.time())
 
     @property
     def inflight(self) -> int:
@@ -259,6 +265,8 @@ class Forwarder(LoopProbes):
         self._deliver(entry, entry[CLIENT_ID] + data[2:])
 
     def _deliver(self, entry: list, answer: bytes) -> None:
+        if self.deps is not None:
+            self.deps.answer(entry[ADDR][0], entry[QUESTION], answer)  # before any fault
         respond = entry[RESPOND]
         if respond is not None:
             reply: bytes | None = answer
@@ -292,6 +300,8 @@ class Forwarder(LoopProbes):
 
     def _sweep(self) -> None:
         now = self.clock()
+        if self.deps is not None:
+            self.deps.tick(time.time())  # the map's clock: one read per sweep, not per query
         sent_before = now - self.attempt_timeout
         for sock in self.sockets:
             pending = sock.pending
@@ -326,6 +336,8 @@ class Forwarder(LoopProbes):
             self._send_attempt(entry)  # the next upstream of the query's order
         else:
             self.stats.servfail_deadline += 1
+            if self.deps is not None:
+                self.deps.timeout(entry[ADDR][0], entry[QUESTION])
             self._servfail(entry)
 
     def unreachable(self, sock: UpstreamSocket, exc: Exception) -> None:

@@ -114,6 +114,10 @@ class EndedRuns(Protocol):
         ended_at, stats and clients (the engine's rows as it ended)."""
         ...
 
+    def unrecovered(self) -> list[tuple[str, str, int]]:
+        """(run, scenario, clients not recovered yet) of each watched run."""
+        ...
+
 
 class ForwarderCollector(Collector):
     def __init__(self, read: Callable[[], MetricsView], settings: Settings,
@@ -295,6 +299,15 @@ class ForwarderCollector(Collector):
         yield dry
         yield from self._client_metrics(clients, now)
         yield from self._run_metrics(engine, ended, now)
+        unrecovered = GaugeMetricFamily(
+            "dnschaos_unrecovered_clients",
+            "Clients that got faults in an ended run and have not had a real answer for "
+            "each faulted name since (watching, failing or unseen; see docs/gameday.md)",
+            labels=["run", "scenario"])
+        if self.ended is not None:
+            for run, scenario, count in self.ended.unrecovered():
+                unrecovered.add_metric([run, scenario], count)
+        yield unrecovered
 
     def _ended(self, engine: CountsSource, now: float) -> list[Any]:
         """The ended runs to show besides the engine's own (none it still holds)."""

@@ -20,7 +20,9 @@ from aiohttp import web
 
 from proxy.admin import make_app
 from proxy.config import ADMIN_PORT, Settings, format_hostport, split_hostport
+from proxy.core.deps import merge_rows
 from proxy.core.engine import Engine
+from proxy.core.preview import UpstreamHealth
 from proxy.errors import ListenError
 from proxy.forwarder import Forwarder
 from proxy.gameday.audit import AuditLog
@@ -71,7 +73,9 @@ class Server:
                                report_dir=settings.report_dir,
                                release=self.forwarder.release_delayed,
                                ended_run_retention=settings.ended_run_retention,
-                               before_tick=self._before_tick if self.pool else None)
+                               before_tick=self._before_tick if self.pool else None,
+                               deps=self._deps_rows, upstreams=self._upstream_health,
+                               recovery_window=settings.recovery_window)
         self._initial = start or []
         self._watch_stop: asyncio.Event | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -81,6 +85,7 @@ class Server:
         self.admin_address: str | None = None
         self._admin: web.AppRunner | None = None
         self._stopped = asyncio.Event()
+        self._deps_gathered = 0.0
 
     # --- what the admin listener awaits (worker processes only) -------------------------
 
@@ -96,9 +101,24 @@ class Server:
             await self.pool.settle()
 
     async def _before_tick(self, now: float) -> None:
-        """A run about to end gets its final counts into its report."""
+        """A run about to end gets its final counts into its report (and its
+        recovery baseline); while a recovery window is open the workers'
+        dependency maps are gathered once a second."""
         if isinstance(self.engine, LoggedEngine) and self.engine.ending_by(now):
-            await self.refresh(("stats", "clients"))
+            await self.refresh(("stats", "clients", "deps"))
+        elif self.gameday.watching() and now >= self._deps_gathered + 1.0:
+            self._deps_gathered = now
+            await self.refresh(("deps",))
+
+    def _deps_rows(self) -> dict[str, Any]:
+        """The dependency map: this process's, or every worker's merged."""
+        if isinstance(self.forwarder, PoolForwarder):
+            return self.forwarder.counts.deps_rows()
+        deps = self.forwarder.deps
+        return deps.rows() if deps is not None else merge_rows([])
+
+    def _upstream_health(self) -> list[UpstreamHealth]:
+        return [UpstreamHealth(u.name, u.up, u.looped) for u in self.forwarder.upstreams]
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -194,7 +214,7 @@ class Server:
         await cancel_and_wait(self._watcher)
         self._watcher = None
         if self.gameday.runs or self.gameday.rules:
-            await self.refresh(("stats", "clients"))  # the reports' final counts
+            await self.refresh(("stats", "clients", "deps"))  # the reports' final counts
         await self.gameday.close()
 
     def reload_scenarios(self) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from proxy.core import wire
+from proxy.core.deps import DepMap
 from proxy.errors import DnschaosError
 from proxy.stats import Stats, UpstreamStats
 
@@ -31,6 +32,7 @@ class Carrier(Protocol):
 
     stats: Stats
     clock: Callable[[], float]
+    deps: DepMap | None
 
     def mark_alive(self, upstream: Upstream) -> None: ...
 
@@ -74,6 +76,7 @@ class UpstreamSocket(asyncio.DatagramProtocol):
         self.upstream = upstream
         self.stats = forwarder.stats
         self.clock = forwarder.clock
+        self.deps = forwarder.deps
         self.pending: dict[bytes, list] = {}
         self.transport: asyncio.DatagramTransport | None = None
         self.sent = 0
@@ -109,6 +112,9 @@ class UpstreamSocket(asyncio.DatagramProtocol):
         if (entry[TCP] and data[2] & _TC_BIT) or entry[RESPOND] is not None:
             self.forwarder.retry_tcp_or_apply_fault(entry, data, upstream)
             return
+        deps = self.deps
+        if deps is not None:
+            deps.answer(entry[ADDR][0], entry[QUESTION], data)
         stats = self.stats
         stats.answers += 1
         stats.rcodes[data[3] & 15] += 1

@@ -803,11 +803,7 @@
       if (value) params.set(field, value);
     }
     const since = form.elements.since.value.trim();
-    if (since) {
-      const m = /^(\d+(?:\.\d+)?)\s*(s|m|h|d)$/.exec(since);
-      const unit = m ? { s: 1, m: 60, h: 3600, d: 86400 }[m[2]] : 0;
-      params.set("since", m ? String(Math.round(now() - Number(m[1]) * unit)) : since);
-    }
+    if (since) params.set("since", since);  // a duration ago ("15m") or a time: the API reads both
     const text = params.toString();
     return "/api/dependencies" + (text ? "?" + text : "");
   }

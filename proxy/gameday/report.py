@@ -161,6 +161,22 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += _table(["name", "queries"], [[n, c] for n, c in report["names"].items()])
     else:
         lines.append("None.")
+    recovery = report.get("recovery")
+    if recovery is not None:
+        state = "closed" if recovery["closed"] else "still open"
+        lines += ["", "## Recovery", "",
+                  f"Each client that got faults for a name, watched for "
+                  f"{recovery['window']:g} s after the run ended (window {state}): "
+                  "recovered (the upstream's real answer again, seconds after the end), "
+                  "failing (the upstream itself fails), unseen (no query again: it stopped "
+                  "asking, crashed, or sits in a negative cache).", ""]
+        if recovery["entries"]:
+            lines += _table(["client", "name", "status", "after (s)"],
+                            [[e["client"], e["name"], e["status"],
+                              "" if e["after"] is None else f"{e['after']:.1f}"]
+                             for e in recovery["entries"]])
+        else:
+            lines.append("No client got a fault.")
     lines += ["", "## Probes", ""]
     if report["probes"]:
         lines += _table(

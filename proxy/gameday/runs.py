@@ -28,8 +28,11 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+from proxy.core.deps import merge_rows
 from proxy.core.engine import Engine
 from proxy.core.model import Rule, Scenario, cap_warning, wanted_length
+from proxy.core.preview import UpstreamHealth, preflight, preview, selects_nothing
+from proxy.core.recovery import Recovery, faulted_pairs
 from proxy.core.schedule import Scheduler, format_time, next_start, parse_time
 from proxy.gameday.catalog import Catalog, Changes
 from proxy.gameday.probes import Checker, ProbeMonitor, check
@@ -62,10 +65,20 @@ class GameDay:
                  clock: Callable[[], float] = time.time,
                  release: Callable[[str | None], int] = lambda run: 0,
                  checker: Checker = check, ended_run_retention: float = 600.0,
-                 before_tick: Callable[[float], Awaitable[None]] | None = None) -> None:
+                 before_tick: Callable[[float], Awaitable[None]] | None = None,
+                 deps: Callable[[], dict[str, Any]] | None = None,
+                 upstreams: Callable[[], list[UpstreamHealth]] | None = None,
+                 recovery_window: float = 600.0) -> None:
         """before_tick(now): awaited by the background loop before each tick
-        (with worker processes: gathers the counts of runs about to end)."""
+        (with worker processes: gathers the counts of runs about to end).
+        deps(): the dependency map's rows (core/deps.py, merged across
+        workers); upstreams(): their health, for preflight."""
         self.engine = engine
+        self.deps = deps or (lambda: merge_rows([]))
+        self.upstreams = upstreams or (lambda: [])
+        self.recovery_window = recovery_window
+        self.recoveries: dict[str, Recovery] = {}
+        """Recovery watch of ended runs (at most KEEP_REPORTS, oldest first)."""
         self.before_tick = before_tick
         self.max_run_duration = max_run_duration
         self.ended_run_retention = ended_run_retention
@@ -298,6 +311,8 @@ class GameDay:
         now = self.clock()
         if self.ended:
             self._expire_ended(now)
+        if self.watching():
+            self._watch_recoveries(now)
         for run_id, reason in self.engine.tick(now):
             record = self.runs.get(run_id)
             if record is not None:
@@ -391,6 +406,14 @@ class GameDay:
                 pass
         stats, clients = self.engine.stats(record.id), self.engine.client_stats(record.id)
         record.report = self._report(record, stats, clients)
+        if not record.dry_run:
+            recovery = Recovery.start(faulted_pairs(clients), self.deps(), ended_at,
+                                      self.recovery_window)
+            if recovery.entries:
+                self.recoveries[record.id] = recovery
+                while len(self.recoveries) > KEEP_REPORTS:
+                    del self.recoveries[next(iter(self.recoveries))]
+            record.report["recovery"] = recovery.summary()
         self._keep_ended(record.id, record.scenario.name, record.dry_run, ended_at, stats, clients)
         self.engine.forget(record.id)
         self.reports[record.id] = record.report
@@ -413,6 +436,66 @@ class GameDay:
                             self.engine.stats(record.id) if stats is None else stats,
                             self.engine.client_stats(record.id) if clients is None else clients,
                             record.probes.summary() if record.probes else [])
+
+    # --- preview, preflight, recovery ---------------------------------------------------
+
+    def scenario(self, ref: str | Scenario) -> Scenario:
+        if isinstance(ref, Scenario):
+            return ref
+        found = self.catalog.get(ref)
+        if found is None:
+            raise NotFound(f"no scenario called {ref!r}")
+        return found
+
+    def preview(self, ref: str | Scenario, window: float = 3600.0) -> dict[str, Any]:
+        """Who the scenario would hit, from the dependency map of the last
+        `window` seconds, with its preflight warnings (core/preview.py)."""
+        scenario = self.scenario(ref)
+        rows = self.deps()
+        result = preview(scenario, rows, self.clock(), window)
+        result["preflight"] = preflight(scenario, result, rows, self.upstreams())
+        result["preflight"]["selects_nothing"] = selects_nothing(result)
+        return result
+
+    def watching(self) -> bool:
+        """Whether a recovery window is still open."""
+        return any(not r.closed for r in self.recoveries.values())
+
+    def _watch_recoveries(self, now: float) -> None:
+        rows = self.deps()
+        for run_id, recovery in self.recoveries.items():
+            if recovery.closed:
+                continue
+            recovery.update(rows, now)
+            report = self.reports.get(run_id)
+            if report is None:
+                continue
+            report["recovery"] = recovery.summary()
+            if recovery.closed and self.report_dir:
+                try:
+                    write_report(self.report_dir, report)  # the final recovery section
+                except OSError as exc:
+                    log.error("cannot rewrite the report of run %s: %s", run_id, exc)
+
+    def recovery(self, run_id: str) -> dict[str, Any] | None:
+        recovery = self.recoveries.get(run_id)
+        if recovery is not None:
+            return recovery.summary()
+        report = self.reports.get(run_id)
+        return report.get("recovery") if report is not None else None
+
+    def unrecovered(self) -> list[tuple[str, str, int]]:
+        """(run, scenario, clients not back yet) of each watched run, while its
+        window is open or its other series are kept (ended_run_retention)."""
+        out = []
+        now = self.clock()
+        for run_id, recovery in self.recoveries.items():
+            if now >= recovery.ended_at + recovery.window and run_id not in self.ended:
+                continue  # window over and the run's other series gone: this one goes too
+            report = self.reports.get(run_id)
+            scenario = report["scenario"] if report is not None else ""
+            out.append((run_id, scenario, recovery.unrecovered()))
+        return out
 
     # --- ended runs' final counts, for /metrics ------------------------------------------
 

@@ -81,6 +81,7 @@ def run_row(gd: GameDay, run_id: str) -> dict[str, Any]:
                     for p in record.timeline]
                 row["probes"] = record.probes.summary() if record.probes else []
                 row["rules"] = gd.engine.stats(run_id)
+            row["recovery"] = gd.recovery(run_id)
             return row
     raise NotFound(f"no run called {run_id!r}")
 

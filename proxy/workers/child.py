@@ -137,6 +137,9 @@ class Worker:
                     value["stats"] = self.engine.stats()
                 if "clients" in parts:
                     value["clients"] = self.engine.client_stats()
+                if "deps" in parts:
+                    deps = self.forwarder.deps
+                    value["deps"] = deps.rows() if deps is not None else {"clients": []}
             else:
                 raise ValueError(f"unknown message {kind!r}")
         except Exception as exc:  # noqa: BLE001 - report it; the worker goes on

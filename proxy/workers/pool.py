@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.config import DNS_PORT, Settings, format_hostport
+from proxy.core.deps import merge_rows
 from proxy.errors import DnschaosError, ListenError
 from proxy.listeners import probe_free, reuse_socket
 from proxy.runtime import cancel_and_wait
@@ -74,6 +75,8 @@ class Retired:
     forwarder: list[dict[str, Any]] = field(default_factory=list)
     stats: list[list[dict[str, Any]]] = field(default_factory=list)
     clients: list[list[dict[str, Any]]] = field(default_factory=list)
+    deps: list[dict[str, Any]] = field(default_factory=list)
+    """Dependency map rows (at most one: the dead workers' merged)."""
     queries: dict[int, int] = field(default_factory=dict)
 
 
@@ -88,7 +91,7 @@ class WorkerPool:
         self.known_run: Callable[[str], bool] = lambda run: True
         self.stopping = False
         self.last: dict[int, dict[str, Any]] = {}
-        """Per worker index: its last gathered 'forwarder', 'stats', 'clients'."""
+        """Per worker index: its last gathered 'forwarder', 'stats', 'clients', 'deps'."""
         self.retired = Retired()
         self.loop_token = os.urandom(4).hex()
         """Names this proxy in loop probes: every worker knows the others' probes."""
@@ -276,6 +279,8 @@ class WorkerPool:
             retired.stats.append(last["stats"])
         if "clients" in last:
             retired.clients.append(last["clients"])
+        if last.get("deps"):
+            retired.deps = [merge_rows(retired.deps + [last["deps"]])]
         retired.stats = [rows for rows in ([r for r in rows if self.known_run(r["run"])]
                                            for rows in retired.stats) if rows]
         retired.clients = [rows for rows in ([r for r in rows if self.known_run(r["run"])]

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.config import Settings
+from proxy.core.deps import merge_rows
 from proxy.core.engine import Engine
 from proxy.metrics import MetricsView
 from proxy.workers.merge import (
@@ -45,6 +46,10 @@ class WorkerCounts:
 
     def runs_info(self, now: float) -> list[dict[str, Any]]:
         return self.local.runs_info(now)
+
+    def deps_rows(self) -> dict[str, Any]:
+        """The dependency maps of every worker (and of the dead ones) as one."""
+        return merge_rows(self.pool.counted("deps") + self.pool.retired.deps)
 
 
 class PoolForwarder:

@@ -1,0 +1,193 @@
+"""The dependency map: which clients asked for which names, and what the
+upstream answered them.  Always on, bounded, cheap per query.
+
+How it works: the forwarder calls `answer(client, question, reply)` when an
+upstream's reply comes back (and `timeout(client, question)` when a query
+ends in SERVFAIL at its deadline).  The key is the client's address and the
+question's raw bytes (name in wire form + type + class, as the client sent
+it): two dict look-ups and a few integer increments, nothing decoded.  Names
+are decoded, lower-cased and merged only when the map is read (`rows()`),
+so a client that varies the case of its names (0x20) costs one entry per
+spelling until then.
+
+The clock: `now` is an attribute the transport sets from its periodic sweep
+(`tick(now)`, every 50 ms), so first and last seen are accurate to a sweep
+and no query reads the clock.
+
+Bounds: at most `max_clients` client addresses (queries from later ones are
+counted in `clients_overflow`) and `max_names` questions per client (the
+rest counted in that client's `names_overflow`).  One question entry is a
+list of 11 numbers plus its key, about 400 bytes with the dict slot
+(tests/unit/test_deps.py measures it); the default 10,000 x 1,000 bound is
+therefore ~4 GB in the worst case, and a typical service asking for tens of
+names costs tens of kB.  Lower the caps (config `deps_max_clients`,
+`deps_max_names`) on a proxy facing many clients.
+
+Rows are plain JSON-able dicts and lists, so the maps of several worker
+processes (and, later, of several proxies) are combined by `merge_rows`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Answer kinds, as indexes into a question entry.
+QUERIES, FIRST, LAST = 0, 1, 2
+DATA, NODATA, NXDOMAIN, SERVFAIL, REFUSED, TIMEOUT, OTHER = 3, 4, 5, 6, 7, 8, 9
+LAST_GOOD = 10
+"""Wall time of the latest answer that was neither SERVFAIL nor a timeout (0: none)."""
+KINDS = ("data", "nodata", "nxdomain", "servfail", "refused", "timeout", "other")
+BAD = ("servfail", "timeout")
+"""Answers that mean the name is not resolving (for recovery)."""
+_RCODE_KIND = {0: DATA, 3: NXDOMAIN, 2: SERVFAIL, 5: REFUSED}
+
+DEFAULT_MAX_CLIENTS = 10_000
+DEFAULT_MAX_NAMES = 1_000
+
+
+class _Client:
+    __slots__ = ("first", "last", "names", "overflow")
+
+    def __init__(self, now: float) -> None:
+        self.names: dict[bytes, list[float]] = {}
+        self.overflow = 0
+        self.first = now
+        self.last = now
+
+
+class DepMap:
+    """Per client address, per question: counts of the upstream's answers."""
+
+    def __init__(self, max_clients: int = DEFAULT_MAX_CLIENTS,
+                 max_names: int = DEFAULT_MAX_NAMES) -> None:
+        self.max_clients = max_clients
+        self.max_names = max_names
+        self.clients: dict[str, _Client] = {}
+        self.clients_overflow = 0
+        self.now = 0.0
+
+    def tick(self, now: float) -> None:
+        """The wall time recorded for the next answers."""
+        self.now = now
+
+    def answer(self, client: str, question: bytes, reply: bytes) -> None:
+        """The upstream's reply to `client`'s question (question section bytes)."""
+        kind = _RCODE_KIND.get(reply[3] & 15, OTHER)
+        if kind == DATA and reply[6] == 0 and reply[7] == 0:
+            kind = NODATA
+        self._count(client, question, kind)
+
+    def timeout(self, client: str, question: bytes) -> None:
+        """No upstream answered within the deadline."""
+        self._count(client, question, TIMEOUT)
+
+    def _count(self, client: str, question: bytes, kind: int) -> None:
+        now = self.now
+        record = self.clients.get(client)
+        if record is None:
+            if len(self.clients) >= self.max_clients:
+                self.clients_overflow += 1
+                return
+            record = self.clients[client] = _Client(now)
+        record.last = now
+        entry = record.names.get(question)
+        if entry is None:
+            if len(record.names) >= self.max_names:
+                record.overflow += 1
+                return
+            entry = record.names[question] = [0, now, now, 0, 0, 0, 0, 0, 0, 0, 0.0]
+        entry[QUERIES] += 1
+        entry[LAST] = now
+        entry[kind] += 1
+        if kind != SERVFAIL and kind != TIMEOUT:
+            entry[LAST_GOOD] = now
+
+    def clear(self) -> None:
+        self.clients.clear()
+        self.clients_overflow = 0
+
+    def rows(self) -> dict[str, Any]:
+        """The map as plain data: {"clients": [client row], "clients_overflow": n};
+        a client row: client (address), first_seen, last_seen, names_overflow,
+        names: [name row]; a name row: name ("www.example.test."), qtype (number),
+        queries, first_seen, last_seen, last_good (None: never), answers {kind: n}."""
+        out = []
+        for address, record in list(self.clients.items()):
+            names: dict[tuple[str, int], dict[str, Any]] = {}
+            for question, entry in list(record.names.items()):
+                decoded = decode_question(question)
+                if decoded is None:
+                    continue
+                _add_name(names, {
+                    "name": decoded[0], "qtype": decoded[1], "queries": int(entry[QUERIES]),
+                    "first_seen": entry[FIRST], "last_seen": entry[LAST],
+                    "last_good": entry[LAST_GOOD] or None,
+                    "answers": {k: int(entry[DATA + i]) for i, k in enumerate(KINDS)},
+                })
+            out.append({"client": address, "first_seen": record.first,
+                        "last_seen": record.last, "names_overflow": record.overflow,
+                        "names": list(names.values())})
+        return {"clients": out, "clients_overflow": self.clients_overflow}
+
+
+def decode_question(question: bytes) -> tuple[str, int] | None:
+    """(lower-case name with its trailing dot, qtype) from question bytes;
+    None when they do not hold a plain uncompressed name."""
+    labels = []
+    pos = 0
+    end = len(question) - 4
+    while pos < end:
+        length = question[pos]
+        if length == 0:
+            break
+        if length > 63 or pos + 1 + length > end:
+            return None
+        raw = question[pos + 1:pos + 1 + length]
+        labels.append(raw.decode("ascii", "backslashreplace").lower().replace(".", "\\."))
+        pos += 1 + length
+    else:
+        return None
+    if pos + 5 != len(question):
+        return None
+    qtype = int.from_bytes(question[pos + 1:pos + 3], "big")
+    return ".".join(labels) + ".", qtype
+
+
+def _add_name(names: dict[tuple[str, int], dict[str, Any]], row: dict[str, Any]) -> None:
+    """Fold a name row into `names` by (name, qtype): counts summed, times min/max."""
+    key = (row["name"], row["qtype"])
+    mine = names.get(key)
+    if mine is None:
+        names[key] = dict(row, answers=dict(row["answers"]))
+        return
+    mine["queries"] += row["queries"]
+    mine["first_seen"] = min(mine["first_seen"], row["first_seen"])
+    mine["last_seen"] = max(mine["last_seen"], row["last_seen"])
+    if row["last_good"] is not None:
+        mine["last_good"] = max(mine["last_good"] or 0.0, row["last_good"])
+    for kind, count in row["answers"].items():
+        mine["answers"][kind] = mine["answers"].get(kind, 0) + count
+
+
+def merge_rows(sources: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several maps' rows (workers, proxies) as one, by client address and
+    (name, qtype)."""
+    clients: dict[str, dict[str, Any]] = {}
+    names: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
+    overflow = 0
+    for source in sources:
+        overflow += int(source.get("clients_overflow", 0))
+        for row in source.get("clients", ()):
+            address = row["client"]
+            mine = clients.get(address)
+            if mine is None:
+                mine = clients[address] = {k: v for k, v in row.items() if k != "names"}
+                names[address] = {}
+            else:
+                mine["first_seen"] = min(mine["first_seen"], row["first_seen"])
+                mine["last_seen"] = max(mine["last_seen"], row["last_seen"])
+                mine["names_overflow"] += row["names_overflow"]
+            for name in row["names"]:
+                _add_name(names[address], name)
+    out = [dict(row, names=list(names[address].values())) for address, row in clients.items()]
+    return {"clients": out, "clients_overflow": overflow}
