@@ -178,7 +178,11 @@
         + (wrong ? " (the token given is wrong)" : "");
       showMessage(text, true);
       if (wrong) forgetToken();
-      if (await askToken(text + ".")) return mutate(method, path, body, what);
+      if (await askToken(text + ".")) {
+        const again = await mutate(method, path, body, what);
+        if (again.status > 0 && again.status < 400) showMessage(`${what}: token accepted`, false);
+        return again;
+      }
       return r;
     }
     if (r.status >= 400 || r.status === 0) showMessage(`${what}: ${r.error}`, true);
@@ -539,8 +543,10 @@
     }
     const recovery = run.recovery;
     if (!recovery) {
-      status.textContent = run.state === "ended" || "timeline" in run
-        ? "Recovery tracking is not available on this proxy." : "Waiting for the run.";
+      status.textContent = !("recovery" in run)
+        ? "Recovery tracking is not available on this proxy."
+        : run.state === "ended" ? "No recovery to watch for this run."
+          : "Watched from the run's end: each client hit, and whether its names answer again.";
       tbody.replaceChildren();
       return;
     }
@@ -890,7 +896,16 @@
         names.set(n.name, entry);
       }
     }
+    // The busiest names, then ordered by the mean row of their clients, so
+    // that edges cross less.
     const shownNames = [...names.values()].sort((a, b) => b.queries - a.queries).slice(0, 25);
+    const rowOf = new Map(shownClients.map((c, i) => [c.client, i]));
+    const mean = new Map(shownNames.map((n) => {
+      const rows = shownClients.filter((c) => (c.names || []).some((x) => x.name === n.name))
+        .map((c) => rowOf.get(c.client));
+      return [n.name, rows.reduce((a, b) => a + b, 0) / (rows.length || 1)];
+    }));
+    shownNames.sort((a, b) => mean.get(a.name) - mean.get(b.name) || b.queries - a.queries);
     const width = Math.max(420, box.clientWidth || 600);
     const row = 26;
     const height = Math.max(shownClients.length, shownNames.length) * row + 16;

@@ -268,6 +268,8 @@ def test_start_from_the_page_changes_real_answers(proxy, browser):
     expect(page.locator("#affected tbody tr[data-key='127.0.0.2']")).to_contain_text(
         "nxdomain: ")
     expect(page.locator("#countdown")).to_contain_text("Phase 1 of 2")
+    if deps_available(proxy):  # recovery is watched from the end
+        expect(page.locator("#recovery-state")).to_contain_text("Watched from the run's end")
     wait_until(lambda: page.locator("#fps").inner_text() not in ("-", "0.0"), timeout=8,
                what="a fault rate")
     browser.shot("05-running")
@@ -320,8 +322,12 @@ def test_recovery_is_shown_as_it_happens(proxy, browser):
     wait_until(lambda: {r.get_attribute("data-key") for r in rows.all()}
                >= {f"127.0.0.2 {zone.WWW}", f"127.0.0.3 {zone.WWW}"}, timeout=8,
                what="recovery entries")
-    expect(page.locator(f"#recovery tbody tr[data-key='127.0.0.2 {zone.WWW}']")).to_contain_text(
-        "recovered")
+    for client in ("127.0.0.2", "127.0.0.3"):  # they query on, and get answers again
+        expect(page.locator(f"#recovery tbody tr[data-key='{client} {zone.WWW}']")
+               ).to_contain_text("recovered")
+    # Only the clients the run hit are watched: not .4, nor their other names.
+    assert {r.get_attribute("data-key") for r in rows.all()} == {
+        f"127.0.0.2 {zone.WWW}", f"127.0.0.3 {zone.WWW}"}
     browser.shot("08-recovery")
 
 
