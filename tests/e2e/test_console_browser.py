@@ -11,6 +11,7 @@ to tests/artifacts/console/ (gitignored).
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -329,6 +330,25 @@ def test_recovery_is_shown_as_it_happens(proxy, browser):
     assert {r.get_attribute("data-key") for r in rows.all()} == {
         f"127.0.0.2 {zone.WWW}", f"127.0.0.3 {zone.WWW}"}
     browser.shot("08-recovery")
+
+
+def test_reset_from_the_page_removes_an_ad_hoc_rule(proxy, browser):
+    page = browser.page
+    body = {"name": "host1-refused", "match": {"name": zone.host_name(1)}, "fault": "refused",
+            "duration": "5m"}
+    assert api(proxy, "POST", "/api/rules", body)[0] == 201
+    assert rcode("127.0.0.2", zone.host_name(1)) == dns.rcode.REFUSED
+    row = page.locator("#rules tbody tr[data-key='host1-refused']")
+    expect(row).to_contain_text("refused")
+    page.locator("#reset-button").click()
+    expect(page.locator("#confirm-text")).to_contain_text("every ad hoc rule is removed")
+    browser.shot("10-reset-asked")
+    page.locator("#confirm-ok").click()
+    expect(page.locator("#message")).to_have_text(
+        re.compile(r"reset: 0 run\(s\) stopped, 1 rule\(s\) removed$"))
+    expect(row).to_have_count(0)
+    assert rcode("127.0.0.2", zone.host_name(1)) == OK
+    assert rcode("127.0.0.2") == OK
 
 
 def test_reads_behind_the_token_ask_for_it_on_load(start_proxy, browser, unbound):
