@@ -16,12 +16,13 @@ and no query reads the clock.
 
 Bounds: at most `max_clients` client addresses (queries from later ones are
 counted in `clients_overflow`) and `max_names` questions per client (the
-rest counted in that client's `names_overflow`).  One question entry is a
-list of 11 numbers plus its key, about 400 bytes with the dict slot
-(tests/unit/test_deps.py measures it); the default 10,000 x 1,000 bound is
-therefore ~4 GB in the worst case, and a typical service asking for tens of
-names costs tens of kB.  Lower the caps (config `deps_max_clients`,
-`deps_max_names`) on a proxy facing many clients.
+rest counted in that client's `names_overflow`).  One question entry (its
+list of 11 numbers, its key, its slot in the dict) takes about 250 bytes
+(tests/unit/test_deps.py counts it), so the default bound of 10,000 clients
+x 1,000 questions is ~2.5 GB in the worst case, while a service asking for
+tens of names costs a few kB.  Lower the caps (config `deps_max_clients`,
+`deps_max_names`) on a proxy facing many clients; each worker process keeps
+its own map within the same caps.
 
 Rows are plain JSON-able dicts and lists, so the maps of several worker
 processes (and, later, of several proxies) are combined by `merge_rows`.
