@@ -14,8 +14,9 @@ ARGS ?=
 # Debian packages the tests use: real upstreams (unbound, nsd), real
 # clients (dig), DNSSEC zone signing (ldns-utils), a real browser for the
 # console's tests (chromium, driven by the playwright package; never
-# `playwright install`).
-TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus chromium
+# `playwright install`) and fonts for its screenshots (only recommended by
+# chromium, and need-debs.sh installs without recommends).
+TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus chromium fonts-liberation
 TEST_BINS := unbound nsd dig ldns-signzone promtool prometheus chromium
 BENCH_DEBS := nsd dnsperf dnsdist dnsmasq-base
 BENCH_BINS := nsd dnsperf dnsdist dnsmasq
