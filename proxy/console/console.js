@@ -305,6 +305,10 @@
   }
 
   async function poll() {
+    if (document.hidden) {  // a tab in the background asks nothing; shown again, it kicks
+      state.timer = setTimeout(poll, POLL_MS);
+      return;
+    }
     state.polling = true;
     try {
       const t = Date.now();
@@ -961,5 +965,8 @@
   setupStart();
   setupReset();
   setupDeps();
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) kick();
+  });
   poll();
 })();
