@@ -5,8 +5,9 @@ real DNS traffic from dnspython on three loopback source addresses.
 The tests run in file order on one page, as an operator would use it: load,
 read the dependency map, try to start without the token (refused, visibly),
 start with it (preview and preflight first), watch answers change and the
-affected clients fill, pause, resume, stop.  A screenshot of each step goes
-to tests/artifacts/console/ (gitignored).
+affected clients fill, pause, resume, stop, watch recovery, reset; then a
+second proxy whose /metrics needs the token, asked for on load.  A
+screenshot of each step goes to tests/artifacts/console/ (gitignored).
 """
 
 from __future__ import annotations
@@ -55,12 +56,9 @@ pytestmark = [
 ]
 
 
-def rcode(source: str, name: str = zone.WWW) -> int:
-    return udp(make_query(name, "A"), "127.0.0.1", PROXY_PORT[0], timeout=2.0,
+def rcode(proxy, source: str, name: str = zone.WWW) -> int:
+    return udp(make_query(name, "A"), proxy.host, proxy.port, timeout=2.0,
                source=source).rcode()
-
-
-PROXY_PORT = [0]
 
 
 class Traffic(threading.Thread):
@@ -96,7 +94,6 @@ def proxy(start_module_proxy, tmp_path_factory):
     write_scenarios(tmp / "scenarios", OUTAGE, SLOW_MAIL)
     proxy = start_module_proxy("--scenario-dir", str(tmp / "scenarios"),
                                config={"admin_token": TOKEN})
-    PROXY_PORT[0] = proxy.port
     traffic = Traffic(proxy.port)
     traffic.start()
     yield proxy
@@ -218,7 +215,7 @@ def test_start_without_the_token_is_refused_visibly(proxy, browser):
     browser.shot("03-refused-without-token")
     page.locator("#start-cancel").click()
     assert run_ids(proxy) == []
-    assert rcode("127.0.0.2") == OK
+    assert rcode(proxy, "127.0.0.2") == OK
 
 
 def give_token(page) -> None:
@@ -235,7 +232,7 @@ def give_token(page) -> None:
 
 def test_start_from_the_page_changes_real_answers(proxy, browser):
     page = browser.page
-    assert rcode("127.0.0.2") == OK
+    assert rcode(proxy, "127.0.0.2") == OK
     page.locator("#scenarios tbody tr[data-key='www-outage'] button.start").click()
     with_preview = preview_available(proxy)
     if with_preview:
@@ -250,7 +247,7 @@ def test_start_from_the_page_changes_real_answers(proxy, browser):
         expect(page.locator("#preview")).to_contain_text("not available")
         expect(page.locator("#preflight")).to_contain_text("Not available")
     browser.shot("04-preview")
-    assert run_ids(proxy) == [] and rcode("127.0.0.2") == OK  # nothing started yet
+    assert run_ids(proxy) == [] and rcode(proxy, "127.0.0.2") == OK  # nothing started yet
     page.locator("#start-confirm").click()
     if not with_preview:
         give_token(page)
@@ -261,8 +258,8 @@ def test_start_from_the_page_changes_real_answers(proxy, browser):
     expect(row).to_contain_text("running")
     expect(row).to_contain_text("1/2 nxdomain")
     # Real answers changed: www is NXDOMAIN for the clients, host5 is not.
-    assert rcode("127.0.0.2") == NX and rcode("127.0.0.3") == NX
-    assert rcode("127.0.0.4", zone.host_name(5)) == OK
+    assert rcode(proxy, "127.0.0.2") == NX and rcode(proxy, "127.0.0.3") == NX
+    assert rcode(proxy, "127.0.0.4", zone.host_name(5)) == OK
     affected = page.locator("#affected tbody tr")
     wait_until(lambda: {r.get_attribute("data-key") for r in affected.all()}
                == {"127.0.0.2", "127.0.0.3"}, timeout=8, what="the affected clients")
@@ -282,12 +279,12 @@ def test_pause_and_resume_from_the_page(proxy, browser):
     row = page.locator(f"#runs tbody tr[data-key='{run}']")
     row.locator("button.pause").click()
     expect(row.locator(".state")).to_have_text("paused")
-    assert rcode("127.0.0.2") == OK  # a paused run changes nothing
+    assert rcode(proxy, "127.0.0.2") == OK  # a paused run changes nothing
     expect(page.locator("#countdown")).to_contain_text("Paused in phase")
     browser.shot("06-paused")
     row.locator("button.resume").click()
     expect(row.locator(".state")).to_have_text("running")
-    assert rcode("127.0.0.2") == NX
+    assert rcode(proxy, "127.0.0.2") == NX
 
 
 def test_stop_reverts_the_answers(proxy, browser):
@@ -296,7 +293,7 @@ def test_stop_reverts_the_answers(proxy, browser):
     row = page.locator(f"#runs tbody tr[data-key='{run}']")
     row.locator("button.stop").click()
     expect(row.locator(".state")).to_have_text("ended")
-    assert rcode("127.0.0.2") == OK and rcode("127.0.0.3") == OK
+    assert rcode(proxy, "127.0.0.2") == OK and rcode(proxy, "127.0.0.3") == OK
     expect(page.locator("#countdown")).to_have_text(
         "Ended: stopped (stopped by console (token): stopped from the console)")
     # The affected clients stay listed: the run's report.
@@ -337,7 +334,7 @@ def test_reset_from_the_page_removes_an_ad_hoc_rule(proxy, browser):
     body = {"name": "host1-refused", "match": {"name": zone.host_name(1)}, "fault": "refused",
             "duration": "5m"}
     assert api(proxy, "POST", "/api/rules", body)[0] == 201
-    assert rcode("127.0.0.2", zone.host_name(1)) == dns.rcode.REFUSED
+    assert rcode(proxy, "127.0.0.2", zone.host_name(1)) == dns.rcode.REFUSED
     row = page.locator("#rules tbody tr[data-key='host1-refused']")
     expect(row).to_contain_text("refused")
     page.locator("#reset-button").click()
@@ -347,8 +344,8 @@ def test_reset_from_the_page_removes_an_ad_hoc_rule(proxy, browser):
     expect(page.locator("#message")).to_have_text(
         re.compile(r"reset: 0 run\(s\) stopped, 1 rule\(s\) removed$"))
     expect(row).to_have_count(0)
-    assert rcode("127.0.0.2", zone.host_name(1)) == OK
-    assert rcode("127.0.0.2") == OK
+    assert rcode(proxy, "127.0.0.2", zone.host_name(1)) == OK
+    assert rcode(proxy, "127.0.0.2") == OK
 
 
 def test_reads_behind_the_token_ask_for_it_on_load(start_proxy, browser, unbound):
