@@ -766,7 +766,9 @@
       const value = () => Number(line.slice(line.lastIndexOf(" ") + 1));
       if (line.startsWith("dnschaos_queries_total{")) queries += value();
       else if (line.startsWith("dnschaos_faults_injected_total{")) {
-        faults.set(line.slice(0, line.lastIndexOf("}") + 1), value());
+        const run = /[{,]run="((?:[^"\\]|\\.)*)"/.exec(line);
+        const key = run ? run[1] : "";
+        faults.set(key, (faults.get(key) || 0) + value());
       }
     }
     return { t: performance.now() / 1000, queries, faults };
@@ -782,8 +784,8 @@
     const dt = cur.t - prev.t;
     if (!(dt > 0.2)) return;
     let faulted = 0;
-    // Per series, so that a series dropped after an ended run's retention
-    // does not count as negative faults; a new series counts from zero.
+    // Per run, so that a run whose series leave (ended_run_retention) does not
+    // count as negative faults; a new run counts from zero.
     for (const [key, value] of cur.faults) faulted += Math.max(0, value - (prev.faults.get(key) || 0));
     const q = Math.max(0, cur.queries - prev.queries) / dt;
     const f = faulted / dt;

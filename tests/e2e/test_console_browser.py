@@ -45,6 +45,10 @@ SLOW_MAIL = {"name": "slow-mail", "description": "mail answers late",
              "phases": [{"name": "slow", "duration": "2m", "rules": [
                  {"name": "mail-delay", "match": {"name": zone.MX_TARGET},
                   "fault": {"type": "delay", "delay": "300ms"}}]}]}
+NOBODY = {"name": "nobody", "description": "a name no client asks for",
+          "phases": [{"name": "nx", "duration": "10m", "rules": [
+              {"name": "ghost-nx", "match": {"name": "ghost.example.test."},
+               "fault": "nxdomain"}]}]}
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update",
                "--disable-sync"]
@@ -91,7 +95,7 @@ class Traffic(threading.Thread):
 @pytest.fixture(scope="module")
 def proxy(start_module_proxy, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("console")
-    write_scenarios(tmp / "scenarios", OUTAGE, SLOW_MAIL)
+    write_scenarios(tmp / "scenarios", OUTAGE, SLOW_MAIL, NOBODY)
     proxy = start_module_proxy("--scenario-dir", str(tmp / "scenarios"),
                                config={"admin_token": TOKEN})
     traffic = Traffic(proxy.port)
@@ -346,6 +350,35 @@ def test_reset_from_the_page_removes_an_ad_hoc_rule(proxy, browser):
     expect(row).to_have_count(0)
     assert rcode(proxy, "127.0.0.2", zone.host_name(1)) == OK
     assert rcode(proxy, "127.0.0.2") == OK
+    # Nothing faults any more: the rate falls to 0 and stays there, though the
+    # ended runs' series change and leave /metrics (they are not read as faults).
+    wait_until(lambda: page.locator("#fps").inner_text() == "0.0", timeout=8, what="0 faults/s")
+    readings = []
+    for _ in range(3):
+        page.wait_for_timeout(1100)  # one poll each
+        readings.append(page.locator("#fps").inner_text())
+    assert readings == ["0.0"] * 3
+
+
+def test_preflight_warns_and_require_traffic_refuses(proxy, browser):
+    page = browser.page
+    if not preview_available(proxy):
+        pytest.skip("no /api/preview on this proxy yet (the deps branch adds it)")
+    page.locator("#scenarios tbody tr[data-key='nobody'] button.start").click()
+    expect(page.locator("#preview-table tbody tr")).to_contain_text("ghost-nx")
+    cells = page.locator("#preview-table tbody tr td")
+    assert [cells.nth(i).inner_text() for i in (3, 4, 5)] == ["0", "0", "none"]
+    expect(page.locator("#preflight")).to_contain_text("Preflight: 1 warning(s).")
+    expect(page.locator("#preflight li")).to_contain_text(
+        "no_traffic (nx/ghost-nx): no client asked for ghost.example.test.")
+    expect(page.locator("#start-confirm")).to_have_text("start anyway")
+    page.locator("#start-form input[name=require_traffic]").check()
+    page.locator("#start-confirm").click()
+    expect(page.locator("#start-error")).to_contain_text(
+        "require_traffic: rules that would select no query: nx/ghost-nx")
+    browser.shot("11-preflight-refused")
+    page.locator("#start-cancel").click()
+    assert [r for r in api(proxy, "GET", "/api/runs")[1]["runs"] if r["state"] != "ended"] == []
 
 
 def test_reads_behind_the_token_ask_for_it_on_load(start_proxy, browser, unbound):
