@@ -61,6 +61,8 @@ NEEDED_BINARIES = {
     "taskset": "util-linux",
 }
 ALL_CONTESTANTS = ["nsd-direct", "dnsdist", "dnsmasq", "dnschaos"]
+OPTIONAL_CONTESTANTS = ["dnschaos-nodeps"]
+"""Only with --only: dnschaos without its dependency map (--no-deps), to show the map's cost."""
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -413,8 +415,8 @@ newServer{{address='127.0.0.1:{upstream}', name='nsd', checkName='h0.{ZONE}', ch
                f"--server=127.0.0.1#{upstream}", f"--port={port}",
                "--listen-address=127.0.0.1", "--bind-interfaces", "--pid-file=",
                f"--dns-forward-max={args.dnsmasq_forward_max}", "--log-facility=-", *extra]
-    elif name == "dnschaos" or name.startswith("dnschaos@"):
-        base = dnschaos_command() if name == "dnschaos" else args.baseline_cmd
+    elif name in ("dnschaos", "dnschaos-nodeps") or name.startswith("dnschaos@"):
+        base = dnschaos_command() if "@" not in name else args.baseline_cmd
         if base is None:
             raise RuntimeError("dnschaos CLI (proxy/cli.py) does not exist yet")
         admin = free_port()
@@ -425,6 +427,8 @@ newServer{{address='127.0.0.1:{upstream}', name='nsd', checkName='h0.{ZONE}', ch
             if "--workers" not in helptext:
                 raise RuntimeError("--workers given but 'dnschaos run --help' has no --workers flag")
             cmd += ["--workers", str(args.workers)]
+        if name == "dnschaos-nodeps":
+            cmd.append("--no-deps")
         cmd += extra + shlex.split(args.proxy_args or "")
         ready_timeout = 40.0
     else:
@@ -562,7 +566,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=3, help="warm-up seconds per contestant (default 3)")
     ap.add_argument("--rate", type=int, default=10000, help="QPS for the latency run (default 10000)")
     ap.add_argument("--only", default=None,
-                    help=f"comma-separated subset of {','.join(ALL_CONTESTANTS)}")
+                    help=f"comma-separated subset of {','.join(ALL_CONTESTANTS + OPTIONAL_CONTESTANTS)} "
+                         "(dnschaos,dnschaos-nodeps: the dependency map's cost)")
     ap.add_argument("--proxy-args", default="", help="extra args for 'dnschaos run' (one string)")
     ap.add_argument("--workers", type=int, default=None, help="pass --workers N to dnschaos")
     ap.add_argument("--clients", type=int, default=8, help="dnsperf -c for the closed-loop run (default 8)")
@@ -588,7 +593,8 @@ def main() -> int:
     names = list(ALL_CONTESTANTS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     if args.baseline:
         names.append(f"dnschaos@{args.baseline}")
-    bad = [n for n in names if n not in ALL_CONTESTANTS and not n.startswith("dnschaos@")]
+    bad = [n for n in names if n not in ALL_CONTESTANTS + OPTIONAL_CONTESTANTS
+           and not n.startswith("dnschaos@")]
     if bad:
         ap.error(f"unknown contestant(s) {bad}; choose from {ALL_CONTESTANTS}")
     if "dnschaos" in names and dnschaos_command() is None:

@@ -46,7 +46,8 @@ HEALTH_TIMEOUT = 0.5
 """Seconds /health waits for the workers' upstream views; a late worker's
 last known view is used."""
 READS = ("GET", "HEAD")
-DEPS_PATHS = ("/api/dependencies", "/api/preview", "/api/scenarios/", "/api/runs")
+DEPS_PATHS = ("/api/dependencies", "/api/preview", "/api/scenarios/", "/api/runs",
+              "/api/reset")
 """Requests that read the dependency map (preview, preflight at start, recovery)."""
 
 

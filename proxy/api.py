@@ -333,10 +333,13 @@ async def dependencies(request: web.Request) -> web.Response:
     since = None
     if query.get("since"):
         text = query["since"]
-        try:
-            since = now - parse_duration(text)
-        except ValueError:
-            since = _time(float(text) if _number(text) else text)
+        if _number(text):
+            since = float(text)  # a Unix time
+        else:
+            try:
+                since = now - parse_duration(text)
+            except ValueError:
+                since = _time(text)  # ISO 8601
     by = query.get("by", "client")
     if by not in ("client", "name"):
         raise ValueError("by is client or name")

@@ -409,7 +409,9 @@ class GameDay:
         if not record.dry_run:
             recovery = Recovery.start(faulted_pairs(clients), self.deps(), ended_at,
                                       self.recovery_window)
-            if recovery.entries:
+            if not recovery.entries:
+                recovery.closed = True  # no client got a fault: nothing to watch
+            else:
                 self.recoveries[record.id] = recovery
                 while len(self.recoveries) > KEEP_REPORTS:
                     del self.recoveries[next(iter(self.recoveries))]

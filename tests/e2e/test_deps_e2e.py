@@ -75,6 +75,10 @@ def test_map_preview_and_preflight(start_proxy, tmp_path):
     _, only = api(proxy, "GET", f"/api/dependencies?client={C2}&suffix=mail.example.test")
     assert summary(only) == {C2: {MAIL: EXPECTED[C2][MAIL]}}
     assert api(proxy, "GET", "/api/dependencies?bogus=1")[0] == 400
+    _, recent = api(proxy, "GET", "/api/dependencies?since=1h")
+    assert summary(recent) == summary(view) and recent["since"] == recent["now"] - 3600
+    _, future = api(proxy, "GET", f"/api/dependencies?since={recent['now'] + 60}")
+    assert future["clients"] == []
 
     status, preview = api(proxy, "POST", "/api/preview", {"scenario": "planned"})
     assert status == 200 and preview["window"] == 3600.0

@@ -66,6 +66,10 @@ def add_dry_run_rule(proxy) -> bool:
         raise AssertionError(f"POST /api/rules: {err.code} {err.read().decode()}") from None
 
 
+AFTER_A_RUN = ("dnschaos_unrecovered_clients",)
+"""Metrics with samples only after a run ended (none ends in this test)."""
+
+
 def ask(proxy, client: str, name: str = zone.WWW, rdtype: str = "A"):
     return udp(make_query(name, rdtype), proxy.host, proxy.port, source=client)
 
@@ -106,6 +110,8 @@ def test_every_readme_metric_is_served_with_the_right_values(start_proxy, scenar
     for metric, kind in readme_metrics().items():
         if metric in names or f"{metric}_bucket" in names:
             continue
+        if metric in AFTER_A_RUN and f"# TYPE {metric} " in text:
+            continue  # declared; its samples come once a run ended (test_deps_e2e.py)
         missing.append(f"{metric} ({kind})")
     assert not missing, f"in the README table but not on /metrics: {missing}"
 

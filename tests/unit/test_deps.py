@@ -262,3 +262,56 @@ def test_memory_per_entry_is_bounded():
     print(f"{per_entry:.0f} bytes per entry")
     assert len(names) == 2000
     assert 200 <= per_entry <= 300
+
+
+def test_game_day_watches_recovery_after_a_run():
+    """The manager: a run ends, its faulted clients are watched in the map,
+    the report's recovery section follows, dry runs and fault-less runs are
+    not watched."""
+    import random
+
+    from proxy.core.engine import Engine
+    from proxy.core.query import QueryView
+    from proxy.gameday import views
+    from proxy.gameday.runs import GameDay
+
+    now = [1000.0]
+    deps = DepMap()
+    engine = Engine()
+    gd = GameDay(engine, clock=lambda: now[0], deps=deps.rows, recovery_window=30.0)
+    gd.add_scenario(Scenario.model_validate({"name": "s", "phases": [
+        {"name": "p", "duration": 10, "rules": [
+            {"name": "db", "match": {"name": "db.internal"}, "fault": "nxdomain"}]}]}))
+    run = gd.start("s")
+    rng = random.Random(1)
+    for client in ("10.0.0.1", "10.0.0.2"):
+        wire = dns.message.make_query("db.internal.", "A").to_wire()
+        assert engine.on_query(QueryView.parse(wire, client, "udp"), 1001.0, rng) is not None
+    other = dns.message.make_query("www.internal.", "A").to_wire()
+    assert engine.on_query(QueryView.parse(other, "10.0.0.3", "udp"), 1001.0, rng) is None
+    now[0] = 1010.5
+    gd.tick()  # the run completed at 1010
+    row = views.run_row(gd, run.id)
+    assert row["recovery"] == {"window": 30.0, "closed": False, "entries": [
+        {"client": "10.0.0.1", "name": "db.internal.", "status": "watching", "after": None},
+        {"client": "10.0.0.2", "name": "db.internal.", "status": "watching", "after": None}]}
+    assert gd.unrecovered() == [(run.id, "s", 2)]
+    deps.tick(1013.0)
+    feed(deps, "10.0.0.1", "db.internal.")
+    now[0] = 1013.1
+    gd.tick()
+    assert [(e["status"], e["after"]) for e in gd.report(run.id)["recovery"]["entries"]] == [
+        ("recovered", 3.0), ("watching", None)]
+    now[0] = 1040.0
+    gd.tick()
+    assert gd.report(run.id)["recovery"]["closed"] is True
+    assert [e["status"] for e in gd.report(run.id)["recovery"]["entries"]] == [
+        "recovered", "unseen"]
+    assert gd.unrecovered() == [(run.id, "s", 1)]  # kept as long as the run's other series
+    now[0] = 1010.0 + 600.0  # ended_run_retention
+    gd.tick()
+    assert gd.unrecovered() == []
+    dry = gd.start("s", dry_run=True)
+    assert views.run_row(gd, dry.id)["recovery"] is None
+    gd.stop(dry.id)
+    assert "recovery" not in gd.report(dry.id)
