@@ -199,6 +199,22 @@ def test_dependency_table_lists_the_clients_that_queried(proxy, browser):
     assert {g.get_attribute("data-client") for g in graph.locator("g[data-client]").all()} \
         == set(CLIENTS)
     browser.shot("02-dependencies")
+    # Filtered by client and time: only 127.0.0.4's names, and none an hour ahead.
+    form = page.locator("#deps-filter")
+    form.locator("input[name=client]").fill("127.0.0.4")
+    form.locator("input[name=since]").fill("10m")
+    form.locator("button").click()
+    wait_until(lambda: {r.get_attribute("data-client") for r in rows.all()} == {"127.0.0.4"},
+               timeout=8, what="the client filter")
+    assert {r.get_attribute("data-name") for r in rows.all()} == set(CLIENTS["127.0.0.4"])
+    form.locator("input[name=since]").fill(str(int(time.time()) + 3600))
+    form.locator("button").click()
+    expect(page.locator("#deps-state")).to_have_text("No client has queried yet in that window.")
+    form.locator("input[name=client]").fill("")
+    form.locator("input[name=since]").fill("")
+    form.locator("button").click()
+    wait_until(lambda: {r.get_attribute("data-client") for r in rows.all()} == set(CLIENTS),
+               timeout=8, what="the map unfiltered again")
 
 
 def test_start_without_the_token_is_refused_visibly(proxy, browser):
