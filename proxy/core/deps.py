@@ -12,12 +12,13 @@ spelling until then.
 
 The clock: `now` is an attribute the transport sets from its periodic sweep
 (`tick(now)`, every 50 ms), so first and last seen are accurate to a sweep
-and no query reads the clock.
+and no query reads the clock.  A client's last seen is that of its
+latest question entry (queries beyond its names cap are only counted).
 
 Bounds: at most `max_clients` client addresses (queries from later ones are
 counted in `clients_overflow`) and `max_names` questions per client (the
 rest counted in that client's `names_overflow`).  One question entry (its
-list of 11 numbers, its key, its slot in the dict) takes about 250 bytes
+list of 10 numbers, its key, its slot in the dict) takes about 250 bytes
 (tests/unit/test_deps.py counts it), so the default bound of 10,000 clients
 x 1,000 questions is ~2.5 GB in the worst case, while a service asking for
 tens of names costs a few kB.  Lower the caps (config `deps_max_clients`,
@@ -32,28 +33,19 @@ from __future__ import annotations
 
 from typing import Any
 
-# Answer kinds, as indexes into a question entry.
-QUERIES, FIRST, LAST = 0, 1, 2
-DATA, NODATA, NXDOMAIN, SERVFAIL, REFUSED, TIMEOUT, OTHER = 3, 4, 5, 6, 7, 8, 9
-LAST_GOOD = 10
-"""Wall time of the latest answer that was neither SERVFAIL nor a timeout (0: none)."""
-KINDS = ("data", "nodata", "nxdomain", "servfail", "refused", "timeout", "other")
+# A question entry is a list: first seen, last seen, last good answer, then
+# one count per answer kind (the good ones first: a kind below SERVFAIL is good).
+FIRST, LAST, LAST_GOOD = 0, 1, 2
+DATA, NODATA, NXDOMAIN, REFUSED, OTHER, SERVFAIL, TIMEOUT = 3, 4, 5, 6, 7, 8, 9
+KINDS = ("data", "nodata", "nxdomain", "refused", "other", "servfail", "timeout")
+"""The answer kinds in entry order (DATA + i)."""
 BAD = ("servfail", "timeout")
 """Answers that mean the name is not resolving (for recovery)."""
-_RCODE_KIND = {0: DATA, 3: NXDOMAIN, 2: SERVFAIL, 5: REFUSED}
+_KIND = tuple({0: DATA, 2: SERVFAIL, 3: NXDOMAIN, 5: REFUSED}.get(rcode, OTHER)
+              for rcode in range(16))
 
 DEFAULT_MAX_CLIENTS = 10_000
 DEFAULT_MAX_NAMES = 1_000
-
-
-class _Client:
-    __slots__ = ("first", "last", "names", "overflow")
-
-    def __init__(self, now: float) -> None:
-        self.names: dict[bytes, list[float]] = {}
-        self.overflow = 0
-        self.first = now
-        self.last = now
 
 
 class DepMap:
@@ -63,7 +55,11 @@ class DepMap:
                  max_names: int = DEFAULT_MAX_NAMES) -> None:
         self.max_clients = max_clients
         self.max_names = max_names
-        self.clients: dict[str, _Client] = {}
+        self.clients: dict[str, dict[bytes, list[float]]] = {}
+        """Client address -> question bytes -> entry (see FIRST... TIMEOUT)."""
+        self.first_seen: dict[str, float] = {}
+        self.names_overflow: dict[str, int] = {}
+        """Queries of questions beyond max_names, per client (only clients with some)."""
         self.clients_overflow = 0
         self.now = 0.0
 
@@ -72,39 +68,64 @@ class DepMap:
         self.now = now
 
     def answer(self, client: str, question: bytes, reply: bytes) -> None:
-        """The upstream's reply to `client`'s question (question section bytes)."""
-        kind = _RCODE_KIND.get(reply[3] & 15, OTHER)
-        if kind == DATA and reply[6] == 0 and reply[7] == 0:
+        """The upstream's reply to `client`'s question (question section bytes).
+        The reply path calls this per query: one call, two look-ups."""
+        names = self.clients.get(client)
+        if names is None:
+            names = self._new_client(client)
+            if names is None:
+                return
+        entry = names.get(question)
+        if entry is None:
+            entry = self._new_entry(client, names, question)
+            if entry is None:
+                return
+        kind = _KIND[reply[3] & 15]
+        if kind == DATA and not (reply[6] or reply[7]):
             kind = NODATA
-        self._count(client, question, kind)
+        entry[kind] += 1
+        entry[LAST] = now = self.now
+        if kind < SERVFAIL:
+            entry[LAST_GOOD] = now
 
     def timeout(self, client: str, question: bytes) -> None:
         """No upstream answered within the deadline."""
-        self._count(client, question, TIMEOUT)
-
-    def _count(self, client: str, question: bytes, kind: int) -> None:
-        now = self.now
-        record = self.clients.get(client)
-        if record is None:
-            if len(self.clients) >= self.max_clients:
-                self.clients_overflow += 1
+        names = self.clients.get(client)
+        if names is None:
+            names = self._new_client(client)
+            if names is None:
                 return
-            record = self.clients[client] = _Client(now)
-        record.last = now
-        entry = record.names.get(question)
+        entry = names.get(question)
         if entry is None:
-            if len(record.names) >= self.max_names:
-                record.overflow += 1
+            entry = self._new_entry(client, names, question)
+            if entry is None:
                 return
-            entry = record.names[question] = [0, now, now, 0, 0, 0, 0, 0, 0, 0, 0.0]
-        entry[QUERIES] += 1
-        entry[LAST] = now
-        entry[kind] += 1
-        if kind != SERVFAIL and kind != TIMEOUT:
-            entry[LAST_GOOD] = now
+        entry[TIMEOUT] += 1
+        entry[LAST] = self.now
+
+    def _new_client(self, client: str) -> dict[bytes, list[float]] | None:
+        if len(self.clients) >= self.max_clients:
+            self.clients_overflow += 1
+            return None
+        self.first_seen[client] = self.now
+        names: dict[bytes, list[float]] = {}
+        self.clients[client] = names
+        return names
+
+    def _new_entry(self, client: str, names: dict[bytes, list[float]],
+                   question: bytes) -> list[float] | None:
+        if len(names) >= self.max_names:
+            self.names_overflow[client] = self.names_overflow.get(client, 0) + 1
+            return None
+        now = self.now
+        entry: list[float] = [now, now, 0.0, 0, 0, 0, 0, 0, 0, 0]
+        names[question] = entry
+        return entry
 
     def clear(self) -> None:
         self.clients.clear()
+        self.first_seen.clear()
+        self.names_overflow.clear()
         self.clients_overflow = 0
 
     def rows(self) -> dict[str, Any]:
@@ -113,20 +134,23 @@ class DepMap:
         names: [name row]; a name row: name ("www.example.test."), qtype (number),
         queries, first_seen, last_seen, last_good (None: never), answers {kind: n}."""
         out = []
-        for address, record in list(self.clients.items()):
+        for address, entries in list(self.clients.items()):
             names: dict[tuple[str, int], dict[str, Any]] = {}
-            for question, entry in list(record.names.items()):
+            last = self.first_seen.get(address, 0.0)
+            for question, entry in list(entries.items()):
                 decoded = decode_question(question)
+                last = max(last, entry[LAST])
                 if decoded is None:
                     continue
+                counts = {k: int(entry[DATA + i]) for i, k in enumerate(KINDS)}
                 _add_name(names, {
-                    "name": decoded[0], "qtype": decoded[1], "queries": int(entry[QUERIES]),
+                    "name": decoded[0], "qtype": decoded[1], "queries": sum(counts.values()),
                     "first_seen": entry[FIRST], "last_seen": entry[LAST],
-                    "last_good": entry[LAST_GOOD] or None,
-                    "answers": {k: int(entry[DATA + i]) for i, k in enumerate(KINDS)},
+                    "last_good": entry[LAST_GOOD] or None, "answers": counts,
                 })
-            out.append({"client": address, "first_seen": record.first,
-                        "last_seen": record.last, "names_overflow": record.overflow,
+            out.append({"client": address, "first_seen": self.first_seen.get(address, 0.0),
+                        "last_seen": last,
+                        "names_overflow": self.names_overflow.get(address, 0),
                         "names": list(names.values())})
         return {"clients": out, "clients_overflow": self.clients_overflow}
 

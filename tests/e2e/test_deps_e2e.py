@@ -124,6 +124,14 @@ def test_map_preview_and_preflight(start_proxy, tmp_path):
                            capture_output=True, text=True, env=env, check=True)
     assert "preflight: no_traffic: no client asked for dynamodb" in shown.stderr
     assert f"mail-c2  servfail  {C2}" in shown.stdout
+    refused_cli = subprocess.run([sys.executable, "-m", "proxy", "scenario", "start", "planned",
+                                  "--require-traffic"], capture_output=True, text=True, env=env)
+    assert refused_cli.returncode != 0
+    assert "HTTP 409: require_traffic: rules that would select no query: outage/dynamo" in (
+        refused_cli.stderr)
+    started_cli = subprocess.run([sys.executable, "-m", "proxy", "scenario", "start", "planned"],
+                                 capture_output=True, text=True, env=env, check=True)
+    assert started_cli.stderr.startswith("preflight: no_traffic: no client asked for dynamodb")
 
 
 def test_recovery_after_a_run(start_proxy, tmp_path):

@@ -256,7 +256,7 @@ def test_memory_per_entry_is_bounded():
     for i in range(2000):
         wire = dns.message.make_query(f"name{i}.service{i % 7}.example.test.", "A").to_wire()
         deps.answer("10.0.0.1", wire[12:], answer)  # the key is a slice, as the forwarder's
-    names = deps.clients["10.0.0.1"].names
+    names = deps.clients["10.0.0.1"]
     per_entry = (sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in names.items())
                  + sys.getsizeof(names)) / len(names)
     print(f"{per_entry:.0f} bytes per entry")
