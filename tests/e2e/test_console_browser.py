@@ -147,6 +147,12 @@ def expect(locator):
     return pw_expect(locator)
 
 
+def attrs(locator, name: str) -> set[str | None]:
+    """The attribute of every element matched, read at once (the page
+    redraws its tables between polls)."""
+    return set(locator.evaluate_all(f"els => els.map(e => e.getAttribute('{name}'))"))
+
+
 def deps_available(proxy) -> bool:
     return api(proxy, "GET", "/api/dependencies")[0] != 404
 
@@ -187,16 +193,17 @@ def test_dependency_table_lists_the_clients_that_queried(proxy, browser):
         browser.shot("02-dependencies")
         pytest.skip("no /api/dependencies on this proxy yet (the deps branch adds it)")
     rows = page.locator("#deps-table tbody tr[data-name]")
-    wait_until(lambda: {r.get_attribute("data-client") for r in rows.all()} == set(CLIENTS),
+    wait_until(lambda: attrs(rows, "data-client") == set(CLIENTS),
                timeout=8, what="the three clients in the dependency table")
-    pairs = {(r.get_attribute("data-client"), r.get_attribute("data-name")) for r in rows.all()}
+    pairs = {tuple(pair) for pair in rows.evaluate_all(
+        "els => els.map(e => [e.dataset.client, e.dataset.name])")}
     assert pairs == {(c, n) for c, names in CLIENTS.items() for n in names}
     # The name that is HTML is text: no <b> element anywhere in the map.
     cell = page.locator(f"#deps-table tbody tr[data-client='127.0.0.4'] td:text-is('{HOSTILE}')")
     expect(cell).to_have_count(1)
     assert page.locator("#deps-section b").count() == 0
     graph = page.locator("#deps-graph")
-    assert {g.get_attribute("data-client") for g in graph.locator("g[data-client]").all()} \
+    assert attrs(graph.locator("g[data-client]"), "data-client") \
         == set(CLIENTS)
     browser.shot("02-dependencies")
     # Filtered by client and time: only 127.0.0.4's names, and none an hour ahead.
@@ -204,16 +211,16 @@ def test_dependency_table_lists_the_clients_that_queried(proxy, browser):
     form.locator("input[name=client]").fill("127.0.0.4")
     form.locator("input[name=since]").fill("10m")
     form.locator("button").click()
-    wait_until(lambda: {r.get_attribute("data-client") for r in rows.all()} == {"127.0.0.4"},
+    wait_until(lambda: attrs(rows, "data-client") == {"127.0.0.4"},
                timeout=8, what="the client filter")
-    assert {r.get_attribute("data-name") for r in rows.all()} == set(CLIENTS["127.0.0.4"])
+    assert attrs(rows, "data-name") == set(CLIENTS["127.0.0.4"])
     form.locator("input[name=since]").fill(str(int(time.time()) + 3600))
     form.locator("button").click()
     expect(page.locator("#deps-state")).to_have_text("No client has queried yet in that window.")
     form.locator("input[name=client]").fill("")
     form.locator("input[name=since]").fill("")
     form.locator("button").click()
-    wait_until(lambda: {r.get_attribute("data-client") for r in rows.all()} == set(CLIENTS),
+    wait_until(lambda: attrs(rows, "data-client") == set(CLIENTS),
                timeout=8, what="the map unfiltered again")
 
 
@@ -281,7 +288,7 @@ def test_start_from_the_page_changes_real_answers(proxy, browser):
     assert rcode(proxy, "127.0.0.2") == NX and rcode(proxy, "127.0.0.3") == NX
     assert rcode(proxy, "127.0.0.4", zone.host_name(5)) == OK
     affected = page.locator("#affected tbody tr")
-    wait_until(lambda: {r.get_attribute("data-key") for r in affected.all()}
+    wait_until(lambda: attrs(affected, "data-key")
                == {"127.0.0.2", "127.0.0.3"}, timeout=8, what="the affected clients")
     expect(page.locator("#affected tbody tr[data-key='127.0.0.2']")).to_contain_text(
         "nxdomain: ")
@@ -337,14 +344,14 @@ def test_recovery_is_shown_as_it_happens(proxy, browser):
         pytest.skip("no recovery in GET /api/runs/{id} on this proxy yet (the deps branch "
                     "adds it)")
     rows = page.locator("#recovery tbody tr")
-    wait_until(lambda: {r.get_attribute("data-key") for r in rows.all()}
+    wait_until(lambda: attrs(rows, "data-key")
                >= {f"127.0.0.2 {zone.WWW}", f"127.0.0.3 {zone.WWW}"}, timeout=8,
                what="recovery entries")
     for client in ("127.0.0.2", "127.0.0.3"):  # they query on, and get answers again
         expect(page.locator(f"#recovery tbody tr[data-key='{client} {zone.WWW}']")
                ).to_contain_text("recovered")
     # Only the clients the run hit are watched: not .4, nor their other names.
-    assert {r.get_attribute("data-key") for r in rows.all()} == {
+    assert attrs(rows, "data-key") == {
         f"127.0.0.2 {zone.WWW}", f"127.0.0.3 {zone.WWW}"}
     browser.shot("08-recovery")
 
