@@ -77,9 +77,10 @@
     if (value === null || value === undefined || !Number.isFinite(value)) return "-";
     const s = Math.max(0, value);
     if (s < 10) return s.toFixed(1) + " s";
-    if (s < 60) return Math.round(s) + " s";
-    const m = Math.floor(s / 60);
-    if (m < 60) return `${m}m ${String(Math.round(s % 60)).padStart(2, "0")}s`;
+    const whole = Math.round(s);  // rounded once: never "9m 60s"
+    if (whole < 60) return whole + " s";
+    const m = Math.floor(whole / 60);
+    if (m < 60) return `${m}m ${String(whole % 60).padStart(2, "0")}s`;
     return `${Math.floor(m / 60)}h ${String(m % 60).padStart(2, "0")}m`;
   }
 
