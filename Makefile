@@ -12,9 +12,12 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 # Debian packages the tests use: real upstreams (unbound, nsd), real
-# clients (dig), DNSSEC zone signing (ldns-utils).
-TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus
-TEST_BINS := unbound unbound-control nsd dig delv ldns-signzone promtool prometheus
+# clients (dig, delv), DNSSEC zone signing (ldns-utils), a real browser for
+# the console's tests (chromium, driven by the playwright package; never
+# `playwright install`) and fonts for its screenshots (only recommended by
+# chromium, and need-debs.sh installs without recommends).
+TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus chromium fonts-liberation
+TEST_BINS := unbound unbound-control nsd dig delv ldns-signzone promtool prometheus chromium
 BENCH_DEBS := nsd dnsperf dnsdist dnsmasq-base
 BENCH_BINS := nsd dnsperf dnsdist dnsmasq
 

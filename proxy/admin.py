@@ -1,5 +1,5 @@
-"""The admin HTTP listener: health, metrics and the game-day API (proxy/api.py),
-served by aiohttp in the proxy's own event loop.
+"""The admin HTTP listener: health, metrics, the game-day API (proxy/api.py)
+and its console page (proxy/console/), served by aiohttp in the proxy's own event loop.
 
 With worker processes, a request that reads traffic counts first gathers
 them from the workers (awaited, never blocking the loop), and a request
@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from proxy.affected import ClientGroups
 from proxy.api import Handler, add_routes, auth_middleware
 from proxy.config import Settings
+from proxy.console import add_console_routes
 from proxy.gameday.audit import AuditLog
 from proxy.gameday.runs import GameDay
 from proxy.metrics import UpstreamCounts
@@ -92,4 +93,5 @@ def make_app(server: Served) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     add_routes(app, server.gameday, server.audit, ClientGroups(settings.client_groups))
+    add_console_routes(app)
     return app

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.affected import ClientGroups
+from proxy.console import is_console_path
 from proxy.core.model import Rule, Scenario
 from proxy.core.schedule import format_time, next_start, parse_time
 from proxy.core.spec import parse_duration
@@ -78,7 +79,7 @@ def auth_middleware(audit: AuditLog | None, token: str | None, *, reads_need_tok
                     metrics_need_token: bool = False) -> Any:
     """Which requests need `Authorization: Bearer TOKEN`: with a token,
     mutations of the API always; with `reads_need_token` (admin listener off
-    loopback) every path but /health and /metrics; /metrics with
+    loopback) every path but /health, /metrics and the console's files; /metrics with
     `metrics_need_token`.  Refused mutations are audited (refused reads are
     not, so that a scraper without the token cannot fill the audit log)."""
 
@@ -87,8 +88,8 @@ def auth_middleware(audit: AuditLog | None, token: str | None, *, reads_need_tok
             return False
         if request.path == "/metrics":
             return metrics_need_token
-        if request.path == "/health":
-            return False
+        if request.path == "/health" or is_console_path(request.path):
+            return False  # the console's static files hold no data
         return reads_need_token or (request.method in MUTATING
                                     and request.path.startswith("/api/"))
 

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Install Debian packages when any of the given commands is missing.
+# Install Debian packages when any of the given commands or packages is
+# missing (a package without a command, such as fonts, is checked by dpkg).
 # usage: need-debs.sh "cmd1 cmd2" "pkg1 pkg2"
 set -euo pipefail
 missing=0
 for cmd in $1; do
     command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing=1
+done
+for pkg in $2; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing=1
 done
 [ "$missing" = 0 ] && exit 0
 SUDO=""
