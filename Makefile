@@ -13,10 +13,13 @@ ARGS ?=
 
 # Debian packages the tests use: real upstreams (unbound, nsd), real
 # clients (dig), DNSSEC zone signing (ldns-utils).
-TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus
-TEST_BINS := unbound nsd dig ldns-signzone promtool prometheus
+TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus gcc nodejs
+TEST_BINS := unbound nsd dig ldns-signzone promtool prometheus gcc node
 BENCH_DEBS := nsd dnsperf dnsdist dnsmasq-base
 BENCH_BINS := nsd dnsperf dnsdist dnsmasq
+# The client behaviour matrix (bench/matrix.py): client stacks and downstream resolvers.
+MATRIX_DEBS := gcc musl-tools golang openjdk-17-jdk-headless nodejs curl unbound bind9 knot-resolver pdns-recursor dnsmasq-base
+MATRIX_BINS := gcc musl-gcc go javac node curl unbound named kresd pdns_recursor dnsmasq
 
 .PHONY: run test lint demo bench validate venv test-debs bench-debs clean
 
@@ -66,6 +69,13 @@ test-debs:
 
 bench-debs:
 	@bash scripts/need-debs.sh "$(BENCH_BINS)" "$(BENCH_DEBS)"
+
+matrix-debs:
+	@bash scripts/need-debs.sh "$(MATRIX_BINS)" "$(MATRIX_DEBS)"
+
+# Regenerates docs/client-behaviour.{md,svg,json} and proxy/data/client_behaviour.json (<= 20 min).
+matrix: $(STAMP) matrix-debs
+	$(BIN)/python bench/matrix.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
