@@ -158,6 +158,17 @@ class Proxy:
                                                        "fault": fault, "duration": "5m"})
         if status != 201:
             raise RuntimeError(f"rule {name}: {status} {body}")
+        self.wait_active(name)
+
+    def wait_active(self, rule: str, timeout: float = 3.0) -> bool:
+        """Until the engine counts the rule (a lookup sent before would miss it)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(n == "dnschaos_rule_matches_total" and ("rule", rule) in labels
+                   for n, labels in self.proc.metrics()):
+                return True
+            time.sleep(0.05)
+        return False
 
     def remove_rule(self, name: str) -> None:
         self.api("DELETE", f"/api/rules/{name}")
