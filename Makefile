@@ -12,14 +12,18 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 # Debian packages the tests use: real upstreams (unbound, nsd), real
-# clients (dig, delv), DNSSEC zone signing (ldns-utils), a real browser for
-# the console's tests (chromium, driven by the playwright package; never
-# `playwright install`) and fonts for its screenshots (only recommended by
-# chromium, and need-debs.sh installs without recommends).
-TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus chromium fonts-liberation
-TEST_BINS := unbound unbound-control nsd dig delv ldns-signzone promtool prometheus chromium
+# clients (dig, delv; gcc and node for the client matrix's CI subset), DNSSEC
+# zone signing (ldns-utils), a real browser for the console's tests
+# (chromium, driven by the playwright package; never `playwright install`)
+# and fonts for its screenshots (only recommended by chromium, and
+# need-debs.sh installs without recommends).
+TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus chromium fonts-liberation gcc nodejs
+TEST_BINS := unbound unbound-control nsd dig delv ldns-signzone promtool prometheus chromium gcc node
 BENCH_DEBS := nsd dnsperf dnsdist dnsmasq-base
 BENCH_BINS := nsd dnsperf dnsdist dnsmasq
+# The client behaviour matrix (bench/matrix.py): client stacks and downstream resolvers.
+MATRIX_DEBS := gcc musl-tools golang openjdk-17-jdk-headless nodejs curl unbound bind9 knot-resolver pdns-recursor dnsmasq-base
+MATRIX_BINS := gcc musl-gcc go javac node curl unbound named kresd pdns_recursor dnsmasq
 
 .PHONY: run test lint demo bench validate venv test-debs bench-debs clean
 
@@ -69,6 +73,13 @@ test-debs:
 
 bench-debs:
 	@bash scripts/need-debs.sh "$(BENCH_BINS)" "$(BENCH_DEBS)"
+
+matrix-debs:
+	@bash scripts/need-debs.sh "$(MATRIX_BINS)" "$(MATRIX_DEBS)"
+
+# Regenerates docs/client-behaviour.{md,svg,json} and proxy/data/client_behaviour.json (<= 20 min).
+matrix: $(STAMP) matrix-debs
+	$(BIN)/python bench/matrix.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -9,6 +9,7 @@ broken names.  `write_report` writes `<run>.json` and `<run>.md`.
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,20 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     ]
 
 
+def _client_behaviour(faults: set[str]) -> list[str]:
+    """What the common stacks showed for these faults, as measured by
+    bench/matrix.py (docs/client-behaviour.md); nothing for faults it did not measure."""
+    table = json.loads(resources.files("proxy.data").joinpath("client_behaviour.json")
+                       .read_text())["faults"]
+    rows = [[fault, stack, seen["result"], seen["recovery"]]
+            for fault in sorted(faults & set(table)) for stack, seen in table[fault].items()]
+    if not rows:
+        return []
+    return ["## What clients would have seen", "",
+            "Measured by bench/matrix.py (docs/client-behaviour.md), not in this run.", "",
+            *_table(["fault", "client", "result", "back to the real answer after"], rows), ""]
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     dry = " (dry run: no answer was changed)" if report["dry_run"] else ""
     lines = [
@@ -136,6 +151,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         ["phase", "rule", "fault", "matched", "injected", "errors", "clients"],
         [[r["phase"], r["rule"], r["fault"], r["matched"], r["injected"], r["errors"],
           r["clients"]] for r in report["rules"]]), ""]
+    lines += _client_behaviour({r["fault"] for r in report["rules"]})
     lines += ["## Clients affected", ""]
     if report["clients"]:
         lines += _table(

@@ -100,3 +100,22 @@ def test_yaml_example_matches_the_json_schema(body: str) -> None:
     # Editors check against the schema: it must accept every documented form.
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.validate(yaml.safe_load(as_scenario(body)), scenario_schema())
+
+
+def test_every_measured_fault_links_to_its_client_behaviour_row() -> None:
+    """Each fault the matrix (bench/matrix.py) measures: its section in
+    scenarios.md links to its table in docs/client-behaviour.md, which has it."""
+    import sys
+    sys.path.insert(0, str(ROOT / "bench"))
+    import matrix  # noqa: PLC0415
+
+    behaviour = (ROOT / "docs" / "client-behaviour.md").read_text()
+    text = DOC.read_text()
+    for fault in matrix.FAULTS:
+        assert fault in FAULT_TYPES, fault
+        section = text.split(f"\n### {fault}\n", 1)[1].split("\n### ", 1)[0]
+        assert f"(client-behaviour.md#{fault})" in section, fault
+        assert f"\n### {fault}\n" in behaviour, fault
+    # The run report's table comes from the same run.
+    data = json.loads((ROOT / "proxy" / "data" / "client_behaviour.json").read_text())
+    assert set(data["faults"]) == set(matrix.FAULTS)

@@ -74,3 +74,14 @@ def test_empty_report() -> None:
     report = build_report({**RUN, "timeline": [], "events": []}, [], [], [])
     text = to_markdown(report)
     assert "No client sent a query" in text and report["clients"] == []
+    assert "What clients would have seen" not in text  # no fault injected
+
+
+def test_markdown_quotes_the_client_matrix_for_the_faults_injected() -> None:
+    text = to_markdown(build_report(RUN, RULES, CLIENTS, []))
+    section = text.split("## What clients would have seen", 1)[1].split("\n## ", 1)[0]
+    assert "| nxdomain | glibc getaddrinfo | EAI_NONAME |" in section
+    assert "| servfail | glibc getaddrinfo | EAI_AGAIN |" in section
+    assert "| drop |" not in section  # not injected in this run
+    flap = [{**RULES[0], "fault": "flap"}]  # a fault the matrix does not measure
+    assert "What clients would have seen" not in to_markdown(build_report(RUN, flap, [], []))
