@@ -14,6 +14,7 @@ import gc
 import logging
 import signal
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -72,10 +73,18 @@ class Server:
                                release=self.forwarder.release_delayed,
                                ended_run_retention=settings.ended_run_retention,
                                before_tick=self._before_tick if self.pool else None)
+        self.control: Any = None
+        """With `control`: the shared control plane (proxy/control/plane.py),
+        through which every change of faults goes."""
+        if settings.control:
+            from proxy.control.plane import ControlPlane  # redis-py: only when asked for
+            self.control = ControlPlane(settings, self.gameday, settle=self.settle,
+                                        refresh=partial(self.refresh, ("stats", "clients")))
         self._initial = start or []
         self._watch_stop: asyncio.Event | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self.registry = make_registry(read, settings, ended=self.gameday)
+        self.registry = make_registry(read, settings, ended=self.gameday,
+                                      control=lambda: self.control)
         self.listeners: Listeners | None = None
         self.listen_addresses: list[str] = []  # with the real ports, once bound
         self.admin_address: str | None = None
@@ -104,6 +113,8 @@ class Server:
 
     async def start(self) -> None:
         self.settings.check_admin_token()
+        if self.control is not None:
+            await self.control.start()  # a run live in the fleet is live before the first query
         if self.pool is not None:
             if self.settings.admin:  # before starting workers that would be killed again
                 probe_free(self.settings.admin, ADMIN_PORT, ("tcp",), "--admin")
@@ -171,6 +182,10 @@ class Server:
             gameday.add_scenario(scenario, spec.pop("file", None))
             if scenario.schedule and spec.get("at") is None:
                 continue  # the schedule starts it (and rejoins a run in progress)
+            if self.control is not None:  # for the whole fleet, through its log
+                self.control._spawn(self.control._quiet("start", {**spec,
+                                                                  "scenario": scenario.name}))
+                continue
             gameday.start(scenario.name, **spec)
         gameday.tick()  # a schedule in progress rejoins before the first query
         gameday.start_background()
@@ -196,6 +211,9 @@ class Server:
         if self.gameday.runs or self.gameday.rules:
             await self.refresh(("stats", "clients"))  # the reports' final counts
         await self.gameday.close()
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
 
     def reload_scenarios(self) -> None:
         changes = self.gameday.reload()
