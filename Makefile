@@ -12,9 +12,10 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 # Debian packages the tests use: real upstreams (unbound, nsd), real
-# clients (dig), DNSSEC zone signing (ldns-utils).
-TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus
-TEST_BINS := unbound nsd dig ldns-signzone promtool prometheus
+# clients (dig), DNSSEC zone signing (ldns-utils), the control plane's
+# Redis (redis-server).
+TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus redis-server
+TEST_BINS := unbound nsd dig ldns-signzone promtool prometheus redis-server
 BENCH_DEBS := nsd dnsperf dnsdist dnsmasq-base
 BENCH_BINS := nsd dnsperf dnsdist dnsmasq
 
