@@ -183,6 +183,10 @@ class Server:
             if scenario.schedule and spec.get("at") is None:
                 continue  # the schedule starts it (and rejoins a run in progress)
             if self.control is not None:  # for the whole fleet, through its log
+                if any(r.scenario.name == scenario.name for r in gameday.runs.values()):
+                    log.info("scenario %s: a run of it is live in the fleet already (joined, "
+                             "not started again)", scenario.name)
+                    continue
                 self.control._spawn(self.control._quiet("start", {**spec,
                                                                   "scenario": scenario.name}))
                 continue
