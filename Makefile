@@ -13,12 +13,12 @@ ARGS ?=
 
 # Debian packages the tests use: real upstreams (unbound, nsd), real
 # clients (dig, delv; gcc and node for the client matrix's CI subset), DNSSEC
-# zone signing (ldns-utils), a real browser for the console's tests
-# (chromium, driven by the playwright package; never `playwright install`)
-# and fonts for its screenshots (only recommended by chromium, and
-# need-debs.sh installs without recommends).
-TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus chromium fonts-liberation gcc nodejs
-TEST_BINS := unbound unbound-control nsd dig delv ldns-signzone promtool prometheus chromium gcc node
+# zone signing (ldns-utils), the control plane's Redis (redis-server), a real
+# browser for the console's tests (chromium, driven by the playwright
+# package; never `playwright install`) and fonts for its screenshots (only
+# recommended by chromium, and need-debs.sh installs without recommends).
+TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus redis-server chromium fonts-liberation gcc nodejs
+TEST_BINS := unbound unbound-control nsd dig delv ldns-signzone promtool prometheus redis-server chromium gcc node
 BENCH_DEBS := nsd dnsperf dnsdist dnsmasq-base
 BENCH_BINS := nsd dnsperf dnsdist dnsmasq
 # The client behaviour matrix (bench/matrix.py): client stacks and downstream resolvers.

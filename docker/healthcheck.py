@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""The image's HEALTHCHECK: GET /health on the admin listener, found as
+"""The image's HEALTHCHECK: GET /ready on the admin listener (listening, and
+following the control plane when there is one; not upstream health: a dead
+upstream is a fault the proxy passes on as SERVFAIL), found as
 `dnschaos run` finds it: DNSCHAOS_ADMIN_LISTEN, else the config file
 ($DNSCHAOS_CONFIG), else the default.  (An admin address given as a flag to
 the container is not seen here: set it in the environment or the file.)"""
@@ -22,7 +24,7 @@ def main() -> int:
         if admin in (None, "", "off"):
             return 0  # no admin listener to ask
         host, port = split_hostport(admin, ADMIN_PORT)
-        url = f"http://{format_hostport(WILDCARD.get(host, host), port)}/health"
+        url = f"http://{format_hostport(WILDCARD.get(host, host), port)}/ready"
         with urllib.request.urlopen(url, timeout=2) as reply:
             return 0 if reply.status == 200 else 1
     except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy"

@@ -90,8 +90,26 @@ def make_app(server: Served) -> web.Application:
         body = generate_latest(server.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def ready(request: web.Request) -> web.Response:
+        """Readiness: listening, and with a control plane following it (joined;
+        or healed, answering transparently).  Not upstream health: a dead
+        upstream is a fault passed on as SERVFAIL, not a reason to take the
+        only endpoint away."""
+        control = getattr(server, "control", None)
+        ready = control is None or control.ready()
+        body: dict[str, object] = {"status": "ready" if ready else "joining the control plane"}
+        if control is not None:
+            body["control"] = {
+                "state": "healed" if control.healed else "following" if control.following()
+                else "unreachable" if control.joined else "joining",
+                "connected": control.connected, "applied": control.applied,
+                "instance": control.name, "leader": control.leader}
+        return web.json_response(body, status=200 if ready else 503)
+
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
-    add_routes(app, server.gameday, server.audit, ClientGroups(settings.client_groups))
+    add_routes(app, server.gameday, server.audit, ClientGroups(settings.client_groups),
+               getattr(server, "control", None))
     add_console_routes(app)
     return app

@@ -23,7 +23,7 @@ from proxy.core.model import Rule, Scenario
 from proxy.core.schedule import format_time, next_start, parse_time
 from proxy.core.spec import parse_duration
 from proxy.dependencies import client_view, name_view
-from proxy.errors import DnschaosError, InvalidFile
+from proxy.errors import ControlUnavailable, DnschaosError, InvalidFile
 from proxy.gameday import views
 from proxy.gameday.audit import AuditLog
 from proxy.gameday.records import Conflict, NotFound, Refused
@@ -36,16 +36,21 @@ AUDIT = web.AppKey("audit", AuditLog)
 GROUPS = web.AppKey("groups", ClientGroups)
 DEFAULT_WINDOW = 3600.0
 """Seconds of the dependency map that preview and preflight look at by default."""
+CONTROL = web.AppKey("control", object)
+"""The control plane (proxy/control/plane.py), when there is one."""
+NOT_APPLIED = "X-Dnschaos-Not-Applied"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
 
 def add_routes(app: web.Application, gameday: GameDay, audit: AuditLog,
-               groups: ClientGroups | None = None) -> None:
+               groups: ClientGroups | None = None, control: Any = None) -> None:
     app[GAMEDAY] = gameday
     app[AUDIT] = audit
     app[GROUPS] = groups or ClientGroups()
+    if control is not None:
+        app[CONTROL] = control
     r = app.router
     r.add_get("/api/dependencies", dependencies)
     r.add_post("/api/preview", preview)
@@ -88,7 +93,7 @@ def auth_middleware(audit: AuditLog | None, token: str | None, *, reads_need_tok
             return False
         if request.path == "/metrics":
             return metrics_need_token
-        if request.path == "/health" or is_console_path(request.path):
+        if request.path in ("/health", "/ready") or is_console_path(request.path):
             return False  # the console's static files hold no data
         return reads_need_token or (request.method in MUTATING
                                     and request.path.startswith("/api/"))
@@ -182,6 +187,30 @@ def _gd(request: web.Request) -> GameDay:
     return request.app[GAMEDAY]
 
 
+async def _mutate(request: web.Request, op: str, args: dict[str, Any],
+                  here: Callable[[], Any]) -> tuple[Any, list[str] | None]:
+    """Without a control plane: `here()`, at once.  With one: the operation
+    appended to its log and applied by every instance; (its result here, the
+    instances that had not applied it in time)."""
+    control: Any = request.app.get(CONTROL)
+    if control is None:
+        return here(), None
+    result, behind = await control.submit(op, args)
+    return result, behind
+
+
+def _fleet(data: dict[str, Any], behind: list[str] | None, status: int = 200,
+           audit: dict[str, Any] | None = None) -> web.Response:
+    """The answer of a mutation; with a control plane it says which live
+    instances had not applied it (none: every one had)."""
+    if behind is None:
+        return _ok(data, status=status, audit=audit)
+    response = _ok({**data, "not_applied": behind}, status=status, audit=audit)
+    if behind:
+        response.headers[NOT_APPLIED] = ", ".join(behind)
+    return response
+
+
 def _body(request: web.Request) -> dict[str, Any]:
     body = request.get("body")
     if body is None:
@@ -198,6 +227,8 @@ def _errors(fn: Handler) -> Handler:
             return await fn(request)
         except NotFound as exc:
             return _error(404, str(exc))
+        except ControlUnavailable as exc:
+            return _error(503, str(exc))
         except Refused as exc:
             return web.json_response({"error": str(exc), "file": exc.file, "problems": [
                 {"file": p.file, "line": p.line, "field": p.path, "message": p.message}
@@ -301,13 +332,15 @@ async def start_scenario(request: web.Request) -> web.Response:
     if body.get("require_traffic") and checked["selects_nothing"]:
         return _ok({"error": "require_traffic: rules that would select no query: "
                     + ", ".join(checked["selects_nothing"]), "preflight": checked}, status=409)
-    record = _gd(request).start(
-        request.match_info["name"], at=_time(body.get("at")),
-        dry_run=bool(body.get("dry_run", False)), time_scale=time_scale,
-        max_duration=_duration(body.get("max_duration")), trigger="api", who=who(request))
-    row = views.run_row(_gd(request), record.id)
+    args: dict[str, Any] = {"scenario": name, "at": _time(body.get("at")),
+            "dry_run": bool(body.get("dry_run", False)), "time_scale": time_scale,
+            "max_duration": _duration(body.get("max_duration")), "trigger": "api",
+            "who": who(request)}
+    run_id, behind = await _mutate(request, "start", args,
+                                   lambda: _gd(request).start(**args).id)
+    row = views.run_row(_gd(request), run_id)
     row["preflight"] = checked
-    return _ok(row, status=201, audit={"run": record.id})
+    return _fleet(row, behind, status=201, audit={"run": run_id})
 
 
 @_errors
@@ -393,23 +426,35 @@ async def show_run(request: web.Request) -> web.Response:
 async def stop_run(request: web.Request) -> web.Response:
     body = _body(request)
     detail = f"stopped by {who(request)}" + (f": {body['reason']}" if body.get("reason") else "")
-    stopped = _gd(request).stop(request.match_info["run"], reason="stopped", detail=detail)
-    return _ok({"stopped": stopped})
+    ref = request.match_info["run"]
+    stopped, behind = await _mutate(
+        request, "stop", {"ref": ref, "reason": "stopped", "detail": detail},
+        lambda: _gd(request).stop(ref, reason="stopped", detail=detail))
+    return _fleet({"stopped": stopped}, behind)
 
 
 @_errors
 async def pause_run(request: web.Request) -> web.Response:
-    return _ok({"paused": _gd(request).pause(request.match_info["run"])})
+    ref = request.match_info["run"]
+    paused, behind = await _mutate(request, "pause", {"ref": ref},
+                                   lambda: _gd(request).pause(ref))
+    return _fleet({"paused": paused}, behind)
 
 
 @_errors
 async def resume_run(request: web.Request) -> web.Response:
-    return _ok({"resumed": _gd(request).resume(request.match_info["run"])})
+    ref = request.match_info["run"]
+    resumed, behind = await _mutate(request, "resume", {"ref": ref},
+                                    lambda: _gd(request).resume(ref))
+    return _fleet({"resumed": resumed}, behind)
 
 
 @_errors
 async def reset(request: web.Request) -> web.Response:
-    return _ok(_gd(request).reset(detail=f"reset by {who(request)}"))
+    detail = f"reset by {who(request)}"
+    done, behind = await _mutate(request, "reset", {"detail": detail},
+                                 lambda: _gd(request).reset(detail=detail))
+    return _fleet(done, behind)
 
 
 # --- ad hoc rules ---------------------------------------------------------------------------
@@ -434,16 +479,21 @@ async def add_rule(request: web.Request) -> web.Response:
         raise ValueError('a rule needs a selector: "match": {"name": ...}, {"suffix": ...}, '
                          '{"clients": ...}... or "match": "all" to fault every query')
     rule = load_model(json.dumps({"name": name, **body}), "<api>", Rule)
-    record = _gd(request).add_rule(name, rule, duration=duration, dry_run=dry_run,
-                                   who=who(request))
-    row = next(r for r in views.rule_rows(_gd(request)) if r["name"] == record.name)
-    return _ok(row, status=201)
+    added, behind = await _mutate(
+        request, "rule_add", {"name": name, "rule": rule, "duration": duration,
+                              "dry_run": dry_run, "who": who(request)},
+        lambda: _gd(request).add_rule(name, rule, duration=duration, dry_run=dry_run,
+                                      who=who(request)).name)
+    row = next(r for r in views.rule_rows(_gd(request)) if r["name"] == added)
+    return _fleet(row, behind, status=201)
 
 
 @_errors
 async def remove_rule(request: web.Request) -> web.Response:
-    _gd(request).remove_rule(request.match_info["name"])
-    return _ok({"removed": request.match_info["name"]})
+    name = request.match_info["name"]
+    _, behind = await _mutate(request, "rule_remove", {"name": name},
+                              lambda: _gd(request).remove_rule(name))
+    return _fleet({"removed": name}, behind)
 
 
 # --- reports -----------------------------------------------------------------------------------
@@ -461,7 +511,11 @@ async def list_reports(request: web.Request) -> web.Response:
 
 @_errors
 async def show_report(request: web.Request) -> web.Response:
-    report = _gd(request).report(request.match_info["run"])
+    gd = _gd(request)
+    report = gd.report(request.match_info["run"])
+    control: Any = request.app.get(CONTROL)
+    if control is not None:  # every instance's counts
+        report = await control.merged_report(gd.latest_run(request.match_info["run"])) or report
     fmt = request.query.get("format", "json")
     if fmt == "md":
         return web.Response(text=to_markdown(report), content_type="text/markdown")

@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="processes answering DNS on the same port (SO_REUSEPORT; default 1)")
     run.add_argument("--no-deps", dest="deps", action="store_const", const=False,
                      help="keep no dependency map (to measure its cost)")
+    run.add_argument("--control", metavar="URL",
+                     help="shared control plane: redis://HOST:PORT/DB or rediss://USER:PASS@... "
+                          "(several instances, one game day; default: none)")
+    run.add_argument("--control-grace", metavar="DURATION",
+                     help="heal after this long without the control plane (default 30s)")
+    run.add_argument("--control-prefix", metavar="PREFIX",
+                     help="prefix of the control plane's Redis keys (default 'dnschaos:')")
+    run.add_argument("--instance-name", metavar="NAME",
+                     help="this instance's name on the control plane (default HOSTNAME:PID)")
     run.add_argument("--no-uvloop", dest="uvloop", action="store_const", const=False,
                      help="use the standard asyncio event loop")
 
@@ -104,6 +113,9 @@ ENV_SETTINGS = {
     "DNSCHAOS_DEADLINE": "deadline",
     "DNSCHAOS_LOG_LEVEL": "log_level",
     "DNSCHAOS_ADMIN_TOKEN": "admin_token",
+    "DNSCHAOS_CONTROL": "control",
+    "DNSCHAOS_CONTROL_PREFIX": "control_prefix",
+    "DNSCHAOS_INSTANCE_NAME": "instance_name",
 }
 """Environment variables `dnschaos run` reads, and the setting each sets.
 (DNSCHAOS_ADMIN_LISTEN is where the proxy serves its API; the client
@@ -115,7 +127,8 @@ ENV_RUN = ("DNSCHAOS_SCENARIO", "DNSCHAOS_TIME_SCALE")
 """Variables for `dnschaos run`'s own flags --scenario and --time-scale (not settings)."""
 FLAG_SETTINGS = ("listen", "upstreams", "admin", "allow", "policy", "timeout", "deadline",
                  "log_level", "uvloop", "scenario_dir", "max_run_duration", "audit_log",
-                 "report_dir", "workers", "metrics_auth", "ended_run_retention", "deps")
+                 "report_dir", "workers", "metrics_auth", "ended_run_retention", "deps",
+                 "control", "control_grace", "control_prefix", "instance_name")
 
 
 def settings_values(args: argparse.Namespace,

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
+from proxy.control.url import check_control_url
 from proxy.core.query import client_address
 from proxy.core.spec import Base, Cidr, Duration, parse_duration
 from proxy.errors import ConfigError
@@ -182,6 +183,25 @@ class Settings(Base):
     """Processes answering DNS on the same addresses (SO_REUSEPORT); with more than
     one, the main process only runs the admin API and the game day and sends every
     change of faults to each worker (proxy/workers/)."""
+
+    control: str | None = None
+    """The shared control plane: redis://[USER:PASSWORD@]HOST:PORT/DB (rediss:// for
+    TLS); every instance given the same one (and the same control_prefix) runs one
+    game day (proxy/control/).  Anyone who can write to that Redis can inject faults."""
+    control_grace: PositiveDuration = 30.0
+    """Seconds without the control plane after which an instance heals: it stops
+    applying every run until the control plane is back."""
+    control_prefix: Annotated[str, Field(min_length=1, max_length=64,
+                                         pattern=r"^[A-Za-z0-9_.:-]+$")] = "dnschaos:"
+    """The prefix of every Redis key, so several environments can share one Redis."""
+    instance_name: Annotated[str, Field(min_length=1, max_length=128,
+                                        pattern=r"^[A-Za-z0-9_.:@-]+$")] | None = None
+    """This instance's name on the control plane (default HOSTNAME:PID)."""
+
+    @field_validator("control")
+    @classmethod
+    def _control(cls, value: str | None) -> str | None:
+        return None if value in (None, "") else check_control_url(value)
 
     @field_validator("listen")
     @classmethod

@@ -30,6 +30,10 @@ class ConfigError(DnschaosError):
     """The configuration is invalid."""
 
 
+class ControlUnavailable(DnschaosError):
+    """The control plane (Redis) cannot be reached: nothing was changed."""
+
+
 class FieldProblem(DnschaosError):
     """A value in a file is invalid."""
 

@@ -417,10 +417,38 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
+class ControlCollector(Collector):
+    """dnschaos_control_*: whether this instance follows the shared control
+    plane (only with `control` set)."""
+
+    def __init__(self, control: Callable[[], Any]) -> None:
+        self.control = control
+
+    def collect(self) -> Iterator[Any]:
+        control = self.control()
+        if control is None:
+            return
+        connected = GaugeMetricFamily(
+            "dnschaos_control_connected",
+            "1 while this instance follows the control plane (connected, not healed), "
+            "else 0: it applies no fault then.")
+        connected.add_metric([], 1.0 if control.following() else 0.0)
+        yield connected
+        leader = GaugeMetricFamily(
+            "dnschaos_control_leader",
+            "1 while this instance holds the lease that appends scheduled starts.")
+        leader.add_metric([], 1.0 if control.leader else 0.0)
+        yield leader
+
+
 def make_registry(read: Callable[[], MetricsView], settings: Settings,
                   clock: Callable[[], float] = time.time,
-                  ended: EndedRuns | None = None) -> CollectorRegistry:
-    """A registry whose one collector reads `read()` at every scrape."""
+                  ended: EndedRuns | None = None,
+                  control: Callable[[], Any] | None = None) -> CollectorRegistry:
+    """A registry whose collector reads `read()` at every scrape (and the
+    control plane's state, with `control`)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ForwarderCollector(read, settings, clock, ended))
+    if control is not None:
+        registry.register(ControlCollector(control))
     return registry

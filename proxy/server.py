@@ -14,6 +14,7 @@ import gc
 import logging
 import signal
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -76,10 +77,18 @@ class Server:
                                before_tick=self._before_tick if self.pool else None,
                                deps=self._deps_rows, upstreams=self._upstream_health,
                                recovery_window=settings.recovery_window)
+        self.control: Any = None
+        """With `control`: the shared control plane (proxy/control/plane.py),
+        through which every change of faults goes."""
+        if settings.control:
+            from proxy.control.plane import ControlPlane  # redis-py: only when asked for
+            self.control = ControlPlane(settings, self.gameday, settle=self.settle,
+                                        refresh=partial(self.refresh, ("stats", "clients")))
         self._initial = start or []
         self._watch_stop: asyncio.Event | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self.registry = make_registry(read, settings, ended=self.gameday)
+        self.registry = make_registry(read, settings, ended=self.gameday,
+                                      control=lambda: self.control)
         self.listeners: Listeners | None = None
         self.listen_addresses: list[str] = []  # with the real ports, once bound
         self.admin_address: str | None = None
@@ -124,6 +133,8 @@ class Server:
 
     async def start(self) -> None:
         self.settings.check_admin_token()
+        if self.control is not None:
+            await self.control.start()  # a run live in the fleet is live before the first query
         if self.pool is not None:
             if self.settings.admin:  # before starting workers that would be killed again
                 probe_free(self.settings.admin, ADMIN_PORT, ("tcp",), "--admin")
@@ -191,6 +202,14 @@ class Server:
             gameday.add_scenario(scenario, spec.pop("file", None))
             if scenario.schedule and spec.get("at") is None:
                 continue  # the schedule starts it (and rejoins a run in progress)
+            if self.control is not None:  # for the whole fleet, through its log
+                if any(r.scenario.name == scenario.name for r in gameday.runs.values()):
+                    log.info("scenario %s: a run of it is live in the fleet already (joined, "
+                             "not started again)", scenario.name)
+                    continue
+                self.control._spawn(self.control._quiet("start", {**spec,
+                                                                  "scenario": scenario.name}))
+                continue
             gameday.start(scenario.name, **spec)
         gameday.tick()  # a schedule in progress rejoins before the first query
         gameday.start_background()
@@ -216,6 +235,9 @@ class Server:
         if self.gameday.runs or self.gameday.rules:
             await self.refresh(("stats", "clients", "deps"))  # the reports' final counts
         await self.gameday.close()
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
 
     def reload_scenarios(self) -> None:
         changes = self.gameday.reload()

@@ -23,7 +23,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -103,6 +104,18 @@ class GameDay:
         self.ended: dict[str, EndedRun] = {}
         """Final counts of ended runs and removed ad hoc rules, oldest first,
         for `ended_run_retention` seconds after they ended (see ended_runs)."""
+        self.finished: dict[str, RunRecord] = {}
+        """The records of the runs in `reports` (a control plane rebuilds their
+        reports with every instance's counts)."""
+        self.on_due: Callable[[Scenario, float], None] | None = None
+        """With a control plane: called for each scheduled start that is due,
+        instead of starting it here (the fleet's leader appends the start)."""
+        self.on_abort: Callable[[str, str], None] | None = None
+        """With a control plane: a failed probe's abort, appended to the log."""
+        self.on_expired: Callable[[str], None] | None = None
+        """With a control plane: an ad hoc rule that expired here (noted in the log)."""
+        self.on_counts: Callable[[str, list[Any], list[Any]], None] | None = None
+        """With a control plane: a run's final counts here, as it ends."""
         self._task: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()
 
@@ -154,6 +167,16 @@ class GameDay:
               trigger: str = "api", who: str | None = None) -> RunRecord:
         """Start a run now (or at `at`, wall time).  Its phases follow the wall
         clock from its start."""
+        scenario, start, length, warnings = self.prepare_start(
+            scenario, at=at, time_scale=time_scale, max_duration=max_duration)
+        return self._add(scenario, start, length, dry_run=dry_run, trigger=trigger, who=who,
+                         warnings=warnings)
+
+    def prepare_start(self, scenario: str | Scenario, *, at: float | None = None,
+                      time_scale: float | None = None, max_duration: float | None = None
+                      ) -> tuple[Scenario, float, float, list[str]]:
+        """What a start needs, checked: (scenario, start time, hard length,
+        warnings); raises as start() does."""
         now = self.clock()
         if isinstance(scenario, str):
             found = self.catalog.get(scenario)
@@ -173,8 +196,7 @@ class GameDay:
         length = self.run_length(scenario, max_duration)
         if start + length <= now:
             raise ValueError(f"a run starting at {format_time(start)} would already be over")
-        return self._add(scenario, start, length, dry_run=dry_run, trigger=trigger, who=who,
-                         warnings=self.length_warnings(scenario, max_duration))
+        return scenario, start, length, self.length_warnings(scenario, max_duration)
 
     def _add(self, scenario: Scenario, start: float, length: float, *, dry_run: bool,
              trigger: str, who: str | None, warnings: list[str]) -> RunRecord:
@@ -323,6 +345,8 @@ class GameDay:
                 log.info("ad hoc rule %s expired", run_id[5:])
                 self._remove_rule(run_id[5:])
                 self.release(run_id)
+                if self.on_expired is not None:
+                    self.on_expired(run_id[5:])
         for name, start in self.scheduler.due(now):
             scenario = self.catalog.get(name)
             if scenario is None:
@@ -332,6 +356,9 @@ class GameDay:
                 self._skip(name, start, stale)
                 continue
             if any(r.scenario.name == name and r.started_at == start for r in self.runs.values()):
+                continue
+            if self.on_due is not None:
+                self.on_due(scenario, start)
                 continue
             length = self.run_length(scenario)
             joined = " (rejoining the schedule mid-run)" if now - start > 1.0 else ""
@@ -370,7 +397,7 @@ class GameDay:
         if record.probes is None and record.scenario.probes and now >= record.started_at:
             record.probes = ProbeMonitor(record.scenario.probes,
                                          partial(self._abort_soon, record.id),
-                                         self.checker, self.clock)
+                                         self.checker, lambda: self.clock())
             try:
                 record.probes.start()
             except RuntimeError:  # no event loop (unit tests driving tick by hand)
@@ -378,7 +405,9 @@ class GameDay:
 
     def _abort_soon(self, run_id: str, why: str) -> None:
         record = self.runs.get(run_id)
-        if record is not None:
+        if record is not None and self.on_abort is not None:
+            self.on_abort(run_id, why)  # the fleet's run: its stop goes through the log
+        elif record is not None:
             self._finish(record, "aborted", why)
 
     def _finish(self, record: RunRecord, reason: str, detail: str = "") -> bool:
@@ -405,6 +434,8 @@ class GameDay:
             except RuntimeError:
                 pass
         stats, clients = self.engine.stats(record.id), self.engine.client_stats(record.id)
+        if self.on_counts is not None:
+            self.on_counts(record.id, stats, clients)
         record.report = self._report(record, stats, clients)
         if not record.dry_run:
             recovery = Recovery.start(faulted_pairs(clients), self.deps(), ended_at,
@@ -419,8 +450,11 @@ class GameDay:
         self._keep_ended(record.id, record.scenario.name, record.dry_run, ended_at, stats, clients)
         self.engine.forget(record.id)
         self.reports[record.id] = record.report
+        self.finished[record.id] = record
         while len(self.reports) > KEEP_REPORTS:
             del self.reports[next(iter(self.reports))]
+        while len(self.finished) > KEEP_REPORTS:
+            del self.finished[next(iter(self.finished))]
         log.info("run %s ended: %s%s; every fault of it reverted", record.id, reason,
                  f" ({detail})" if detail else "")
         if self.report_dir:
@@ -548,6 +582,18 @@ class GameDay:
         if self.catalog.get(ref) is not None:
             raise NotFound(f"scenario {ref!r} has no run yet")
         raise NotFound(f"no run or scenario called {ref!r}")
+
+    @contextmanager
+    def at(self, now: float) -> Iterator[None]:
+        """Read `now` as the clock meanwhile: a control plane applies an entry
+        of its log at the entry's own time, so every instance reaches the same
+        state."""
+        clock = self.clock
+        self.clock = lambda: now
+        try:
+            yield
+        finally:
+            self.clock = clock
 
     @staticmethod
     def _event(record: RunRecord, now: float, event: str, detail: str = "") -> None:

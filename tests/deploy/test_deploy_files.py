@@ -91,14 +91,25 @@ def test_compose_wiring() -> None:
     # The proxy forwards to unbound; the clients ask the proxy; Prometheus scrapes it.
     config = yaml.safe_load((DOCKER / "dnschaos.yaml").read_text())
     assert config["upstreams"] == [f"{fixed['unbound']}:53"]
+    proxies = ["dnschaos", "dnschaos-2"]  # two proxies, one game day (the control plane)
+    asked = set()
     for name in clients:
         env = {**services[name].get("environment", {})}
-        assert env["DNS_SERVER"] == str(fixed["dnschaos"])
+        assert env["DNS_SERVER"] in {str(fixed[p]) for p in proxies}
+        asked.add(env["DNS_SERVER"])
         assert env["DNS_PORT"] == config["listen"][0].rsplit(":", 1)[1]
+    assert asked == {str(fixed[p]) for p in proxies}
     prometheus = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
     targets = [t for job in prometheus["scrape_configs"] if job["job_name"] == "dnschaos"
                for group in job["static_configs"] for t in group["targets"]]
-    assert targets == ["dnschaos:" + config["admin"].rsplit(":", 1)[1]]
+    assert targets == [f"{p}:" + config["admin"].rsplit(":", 1)[1] for p in proxies]
+    # Both follow the same Redis; only the first is given the scenario to start.
+    envs = [services[p]["environment"] for p in proxies]
+    assert envs[0]["DNSCHAOS_CONTROL"] == envs[1]["DNSCHAOS_CONTROL"]
+    assert envs[0]["DNSCHAOS_CONTROL"].endswith("@redis:6379/0")
+    assert envs[1]["DNSCHAOS_SCENARIO"] == ""
+    assert "--appendonly" in services["redis"]["command"]
+    assert "ports" not in services["redis"]  # not on the host: writing to it injects faults
     # Clients land in the client_groups the dashboard shows (one is left ungrouped).
     groups = {ipaddress.ip_network(cidr): group for cidr, group in config["client_groups"].items()}
     named = {name: [g for net, g in groups.items() if fixed[name] in net] for name in clients}
@@ -151,7 +162,9 @@ def test_dockerfile_essentials() -> None:
     text = (DOCKER / "Dockerfile").read_text()
     assert re.search(r"^FROM python:[\d.]+-slim", text, re.MULTILINE)
     assert re.search(r"^USER 10001", text, re.MULTILINE), "runs as non-root"
-    assert "HEALTHCHECK" in text and "/health" in text
+    assert "HEALTHCHECK" in text and "dnschaos-healthcheck" in text
+    assert "/ready" in (DOCKER / "healthcheck.py").read_text()  # not upstream health
+    assert '".[control]"' in text  # redis-py, for DNSCHAOS_CONTROL
     assert "COPY scenarios /usr/share/dnschaos/scenarios" in text
     ignored = (REPO / ".dockerignore").read_text().split()
     for needed in ("proxy", "scenarios", "pyproject.toml", "README.md", "docker/entrypoint.sh"):
@@ -328,3 +341,41 @@ def test_kubernetes_objects_fit_together() -> None:
     for name, text in scenarios.items():
         scenario: Scenario = load_scenario_text(text, name)
         assert name == f"{scenario.name}.yaml"
+
+
+def test_kubernetes_runs_a_fleet_without_a_single_point_of_failure() -> None:
+    objects = {(doc["kind"], doc["metadata"]["name"]): doc for _, doc in documents()}
+    deployment = objects[("Deployment", "dnschaos")]
+    spec = deployment["spec"]
+    pod = spec["template"]
+    labels = pod["metadata"]["labels"].items()
+    assert spec["replicas"] >= 2
+    assert spec["strategy"] == {"type": "RollingUpdate",
+                                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pdb = objects[("PodDisruptionBudget", "dnschaos")]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels
+    spread = pod["spec"]["topologySpreadConstraints"]
+    assert {c["topologyKey"] for c in spread} == {"kubernetes.io/hostname",
+                                                  "topology.kubernetes.io/zone"}
+    assert all(c["labelSelector"]["matchLabels"].items() <= labels for c in spread)
+    container = pod["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"  # not upstream health
+    env = {e["name"]: e for e in container["env"]}
+    control = env["DNSCHAOS_CONTROL"]["value"]
+    assert control == "redis://:$(REDIS_PASSWORD)@dnschaos-redis.dnschaos.svc:6379/0"
+    assert list(env).index("REDIS_PASSWORD") < list(env).index("DNSCHAOS_CONTROL")
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "dnschaos-redis"
+    settings = Settings(control=control.replace("$(REDIS_PASSWORD)", "pw"),
+                        upstreams=["10.96.0.10:53"])
+    assert settings.control
+    # The Redis it names: a Service selecting the Redis pod, its log on a volume.
+    service = objects[("Service", "dnschaos-redis")]
+    redis = objects[("Deployment", "dnschaos-redis")]["spec"]["template"]
+    assert service["spec"]["selector"].items() <= redis["metadata"]["labels"].items()
+    assert service["spec"]["ports"][0]["port"] == 6379
+    args = redis["spec"]["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert "--requirepass" in args
+    claim = redis["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in objects
