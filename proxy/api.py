@@ -376,7 +376,9 @@ async def dependencies(request: web.Request) -> web.Response:
     by = query.get("by", "client")
     if by not in ("client", "name"):
         raise ValueError("by is client or name")
-    view = client_view(gd.deps(), request.app[GROUPS], now, client=query.get("client") or None,
+    control: Any = request.app.get(CONTROL)
+    rows = await control.fleet_deps() if control is not None else gd.deps()
+    view = client_view(rows, request.app[GROUPS], now, client=query.get("client") or None,
                        suffix=query.get("suffix") or None, since=since)
     return _ok(name_view(view) if by == "name" else view)
 

@@ -50,6 +50,7 @@ from proxy.config import Settings
 from proxy.control.counts import merge_instances
 from proxy.control.ops import Op, apply, prepare
 from proxy.control.url import redact
+from proxy.core.deps import merge_rows
 from proxy.core.model import Scenario
 from proxy.errors import ControlUnavailable
 from proxy.gameday.report import build_report, write_report
@@ -64,6 +65,8 @@ STALE = 2.0
 SETTLE_TIMEOUT = 3.0
 LEASE = 3.0
 COUNTS_EVERY = 2.0
+DEPS_EVERY = 5.0
+"""Seconds between writes of an instance's dependency map (larger than counts)."""
 COUNTS_TTL = 7 * 86400
 FINAL_WAIT = 1.5
 """Seconds after a run's end before its merged report is built: every
@@ -92,6 +95,7 @@ class ControlPlane:
         p = settings.control_prefix
         self.log_key, self.instances_key = p + "log", p + "instances"
         self.lease_key, self.counts_key = p + "leader", p + "counts:"
+        self.deps_key = p + "deps"
         self.fired_key = p + "fired:"
         self._settle = settle
         self._refresh = refresh
@@ -112,7 +116,7 @@ class ControlPlane:
         self._waiters: dict[str, asyncio.Future[tuple[bool, Any]]] = {}
         self._final: dict[str, dict[str, Any]] = {}
         self._written: set[str] = set()
-        self._last_counts = 0.0
+        self._last_counts = self._last_deps = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: set[asyncio.Task[Any]] = set()
 
@@ -315,6 +319,23 @@ class ControlPlane:
         if time.monotonic() - self._last_counts >= COUNTS_EVERY:
             self._last_counts = time.monotonic()
             await self.write_counts()
+        if time.monotonic() - self._last_deps >= DEPS_EVERY:
+            self._last_deps = time.monotonic()
+            await self.redis.hset(self.deps_key, self.name, json.dumps(self.gameday.deps()))
+            await self.redis.expire(self.deps_key, COUNTS_TTL)
+
+    async def fleet_deps(self) -> dict[str, Any]:
+        """The dependency map of every instance merged: this one's as it is
+        now, the others' as last written (up to DEPS_EVERY seconds old).  An
+        instance's map lives in its own process, so one that restarted
+        starts an empty one; without Redis, this instance's own."""
+        own = self.gameday.deps()
+        try:
+            raw = await asyncio.wait_for(self.redis.hgetall(self.deps_key), 2.0)
+        except FAILURES:
+            return own
+        others = [json.loads(text) for name, text in raw.items() if name != self.name]
+        return merge_rows([own, *others])
 
     def _connected(self) -> None:
         self._last_ok = time.monotonic()

@@ -149,6 +149,27 @@ def test_the_report_merges_every_instance_once_per_client(fleet):
                                                                         "127.0.0.11": 4}
 
 
+def test_the_dependency_map_merges_every_instance(fleet):
+    p1, p2, p3 = fleet.proxies
+    sent = {("127.0.0.21", 0, zone.WWW): 2, ("127.0.0.21", 1, zone.WWW): 3,
+            ("127.0.0.22", 2, zone.MX_TARGET): 1}
+    for (client, i, name), count in sent.items():
+        for _ in range(count):
+            reply = udp(make_query(name, "A"), fleet.proxies[i].host, fleet.proxies[i].port,
+                        source=client)
+            assert reply.rcode() == NOERROR
+
+    def mine(proxy):
+        view = api(proxy, "GET", "/api/dependencies?suffix=example.test")[1]
+        return {(c["client"], n["name"]): n["queries"] for c in view["clients"]
+                if c["client"] in ("127.0.0.21", "127.0.0.22") for n in c["names"]}
+
+    expected = {("127.0.0.21", zone.WWW): 5, ("127.0.0.22", zone.MX_TARGET): 1}
+    for proxy in fleet.proxies:  # each instance's map reaches Redis within DEPS_EVERY (5 s)
+        wait_until(lambda p=proxy: mine(p) == expected, timeout=8,
+                   what="every instance's map merged")
+
+
 def test_a_scheduled_scenario_starts_one_run_for_the_fleet(fleet):
     hourly = {"name": "hourly", "schedule": "0 * * * *", "timezone": "UTC",
               "phases": [{"name": "nx", "duration": "1h", "rules": [
