@@ -61,8 +61,10 @@ NEEDED_BINARIES = {
     "taskset": "util-linux",
 }
 ALL_CONTESTANTS = ["nsd-direct", "dnsdist", "dnsmasq", "dnschaos"]
-OPTIONAL_CONTESTANTS = ["dnschaos-nodeps"]
-"""Only with --only: dnschaos without its dependency map (--no-deps), to show the map's cost."""
+OPTIONAL_CONTESTANTS = ["dnschaos-nodeps", "dnschaos-control"]
+"""Only with --only: dnschaos without its dependency map (--no-deps), to show
+the map's cost; dnschaos following a shared control plane (--control, a
+redis-server started here), to show that it costs nothing per query."""
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -318,6 +320,28 @@ def write_rules(cd: Path, name: str, args: argparse.Namespace) -> list[str]:
     return []
 
 
+def start_redis(procs: Procs, d: Path) -> int:
+    """A redis-server for dnschaos-control (unpinned: it is off the query path)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("dnschaos-control needs redis-server (Debian package redis-server)")
+    port = free_port()
+    (d / "redis").mkdir(exist_ok=True)
+    p = procs.start("redis", [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                              "--appendonly", "no", "--dir", str(d / "redis")],
+                    d / "redis" / "output.log", None)
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                log(f"redis ready on 127.0.0.1:{port}")
+                return port
+        if p.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise RuntimeError("redis-server did not start: " + (d / "redis" / "output.log").read_text())
+
+
 def start_nsd(procs: Procs, bins: dict, d: Path, zone: Path, port: int, cpu: int | None) -> None:
     # rrl-ratelimit 0: Debian's NSD enables response rate limiting (200 per
     # second per source /24 and response class).  Every contestant sends from
@@ -415,7 +439,8 @@ newServer{{address='127.0.0.1:{upstream}', name='nsd', checkName='h0.{ZONE}', ch
                f"--server=127.0.0.1#{upstream}", f"--port={port}",
                "--listen-address=127.0.0.1", "--bind-interfaces", "--pid-file=",
                f"--dns-forward-max={args.dnsmasq_forward_max}", "--log-facility=-", *extra]
-    elif name in ("dnschaos", "dnschaos-nodeps") or name.startswith("dnschaos@"):
+    elif name in ("dnschaos", "dnschaos-nodeps", "dnschaos-control") \
+            or name.startswith("dnschaos@"):
         base = dnschaos_command() if "@" not in name else args.baseline_cmd
         if base is None:
             raise RuntimeError("dnschaos CLI (proxy/cli.py) does not exist yet")
@@ -429,6 +454,8 @@ newServer{{address='127.0.0.1:{upstream}', name='nsd', checkName='h0.{ZONE}', ch
             cmd += ["--workers", str(args.workers)]
         if name == "dnschaos-nodeps":
             cmd.append("--no-deps")
+        if name == "dnschaos-control":
+            cmd += ["--control", f"redis://127.0.0.1:{args.redis_port}/0"]
         cmd += extra + shlex.split(args.proxy_args or "")
         ready_timeout = 40.0
     else:
@@ -468,15 +495,21 @@ def dnsperf(bins: dict, port: int, qfile: Path, duration: float, cpu: int | None
 
 
 def cpu_seconds(proc: subprocess.Popen | None) -> float | None:
-    """User + system CPU seconds of a process and its threads (/proc/PID/stat)."""
+    """User + system CPU seconds of a process and every process in its group
+    (its threads, and its children: `--workers N` answers in child processes;
+    each contestant has a process group of its own, see Procs)."""
     if proc is None:
         return None
-    try:
-        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    total, found = 0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == proc.pid:  # pgrp
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+            found = True
+    return total / os.sysconf("SC_CLK_TCK") if found else None
 
 
 def parse_dnsperf_summary(text: str) -> dict:
@@ -628,6 +661,8 @@ def main() -> int:
         upstream = free_port()
         start_nsd(procs, bins, tmp, zone, upstream, srv_cpu)
         log(f"nsd ready on 127.0.0.1:{upstream}")
+        if "dnschaos-control" in names:
+            args.redis_port = start_redis(procs, tmp)
         closed_extra = ["-c", str(args.clients), "-q", str(args.outstanding), "-t", "2"]
         # enough outstanding for the rate even at ~50 ms latency
         lat_q = max(100, args.rate // 20)
