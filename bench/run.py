@@ -37,8 +37,8 @@ import re
 import shlex
 import shutil
 import signal
-import statistics
 import socket
+import statistics
 import struct
 import subprocess
 import sys
