@@ -421,7 +421,11 @@ async def list_runs(request: web.Request) -> web.Response:
 
 @_errors
 async def show_run(request: web.Request) -> web.Response:
-    return _ok(views.run_row(_gd(request), request.match_info["run"]))
+    row = views.run_row(_gd(request), request.match_info["run"])
+    control: Any = request.app.get(CONTROL)
+    if control is not None and "rules" in row:  # a live run: every instance's counts
+        row["rules"], row["instances"] = await control.fleet_stats(row["run"])
+    return _ok(row)
 
 
 @_errors

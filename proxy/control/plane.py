@@ -47,7 +47,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.config import Settings
-from proxy.control.counts import merge_instances
+from proxy.control.counts import merge_instances, merge_rule_rows
 from proxy.control.ops import Op, apply, prepare
 from proxy.control.url import redact
 from proxy.core.deps import merge_rows
@@ -431,6 +431,20 @@ class ControlPlane:
                 write_report(gd.report_dir, report)
             except OSError as exc:
                 log.error("cannot write the merged report of run %s: %s", run_id, exc)
+
+    async def fleet_stats(self, run_id: str) -> tuple[list[dict[str, Any]], list[str]]:
+        """A live run's per-rule counts summed over every instance (the
+        others' as last written, up to COUNTS_EVERY seconds old), and the
+        instances counted; without Redis, this instance's own."""
+        own = self.gameday.engine.stats(run_id)
+        try:
+            raw = await asyncio.wait_for(self.redis.hgetall(self.counts_key + run_id), 2.0)
+        except FAILURES:
+            return own, [self.name]
+        rows = {name: json.loads(text) for name, text in raw.items()}
+        rows[self.name] = {"stats": own, "clients": []}
+        return merge_rule_rows([rows[name].get("stats") or [] for name in sorted(rows)]), \
+            sorted(rows)
 
     async def merged_report(self, run_id: str) -> dict[str, Any] | None:
         """The report of a run with the counts of every instance, or None when

@@ -128,6 +128,14 @@ def test_the_report_merges_every_instance_once_per_client(fleet):
                         fleet.proxies[i].port, source=client)
             assert reply.rcode() == NXDOMAIN
     udp(make_query(zone.ORIGIN, "SOA"), p3.host, p3.port, source="127.0.0.12")  # unaffected
+
+    def live_matched(proxy):  # the live run's counts, every instance's summed
+        row = api(proxy, "GET", f"/api/runs/{run}")[1]
+        return row["rules"][0]["matched"] if row.get("instances") == ["p1", "p2", "p3"] \
+            else None
+
+    for proxy in fleet.proxies:
+        wait_until(lambda p=proxy: live_matched(p) == 9, timeout=6, what="the live counts summed")
     api(p2, "POST", f"/api/runs/{run}/stop")
 
     def merged(proxy):
