@@ -727,8 +727,12 @@ def svg(results: dict[str, Any]) -> str:
            '<text x="10" y="22" font-size="16">dnschaos client behaviour: what the application '
            'got, and seconds until the real answer came back</text>']
     for j, fault in enumerate(faults):
-        out.append(f'<text x="{left + j * w + w / 2}" y="{top - 10}" text-anchor="middle">'
-                   f'{fault}</text>')
+        # The DNSSEC breaks are wider than a column: one word a line.
+        words = fault.split("_")
+        for k, word in enumerate(words):
+            y = top - 10 - 14 * (len(words) - 1 - k)
+            out.append(f'<text x="{left + j * w + w / 2}" y="{y}" text-anchor="middle">'
+                       f'{word}</text>')
     for i, row in enumerate(rows):
         y = top + i * h
         out.append(f'<text x="{left - 8}" y="{y + h / 2 + 4}" text-anchor="end">'
