@@ -56,7 +56,7 @@ import dns.query  # noqa: E402
 import dns.rcode  # noqa: E402
 
 from support import zone  # noqa: E402
-from support.faults_support import loopback_with_free_port  # noqa: E402
+from support.faults_support import ede_of, loopback_with_free_port  # noqa: E402
 from support.net import all_free  # noqa: E402
 from support.procs import stop_process  # noqa: E402
 from support.proxy_process import ProxyLauncher  # noqa: E402
@@ -66,7 +66,10 @@ TOKEN = "matrix-token-0123456789"
 RESOLV_OPTIONS = "timeout:1 attempts:2"
 RECOVERY_BOUND = 15.0
 POLL = 0.5
-CACHE_WAIT = 5.5  # the warm-up's 1 s TTL expired even in Knot Resolver (cache.min_ttl 5 s)
+CACHE_WAIT = 5.5  # the warm-up's 1 s TTL expired
+# Knot Resolver keeps at least 5 s (cache.min_ttl); at 5.5 s some cells were
+# still answered from its cache (0 queries), so it gets more.
+KRESD_WAIT = 7.5
 LOOKUP_BOUND = 20.0  # a client that says nothing for this long counts as hung
 
 # The faults, as ad hoc rules (defaults of the library, except where a
@@ -84,7 +87,15 @@ FAULTS: dict[str, Any] = {
     "partial": {"type": "partial", "share": 0.5, "empty": 1.0},
     "ttl": {"type": "ttl", "set": 0},
     "corrupt": {"type": "corrupt", "mode": "wrong_id"},
+    # DNSSEC: they act on DO queries only (stubs do not set DO: no effect).
+    "bogus_signature": {"type": "dnssec", "break": "bogus_signature"},
+    "expired_signature": {"type": "dnssec", "break": "expired_signature"},
+    "strip_signatures": {"type": "dnssec", "break": "strip_signatures"},
+    "bad_denial": {"type": "dnssec", "break": "bad_denial"},
 }
+# Faults on a negative answer: the cell asks a name that does not exist
+# (nosuchN.example.test.), so its real answer is NXDOMAIN, not an address.
+NEGATIVE = {"bad_denial"}
 FAULT_NOTES = {
     "spoof": "A 192.0.2.66 (no AAAA)",
     "stale": "source: last (the warm-up's answer, served again)",
@@ -92,6 +103,11 @@ FAULT_NOTES = {
     "ttl": "set: 0",
     "corrupt": "mode: wrong_id",
     "delay": "2 s",
+    "bogus_signature": "the A answer's RRSIG damaged",
+    "expired_signature": "the RRSIG's validity window moved a week into the past",
+    "strip_signatures": "the RRSIGs and the denial's NSEC records removed",
+    "bad_denial": "on a name that does not exist: the real answer is NXDOMAIN; "
+                  "the NSEC records' signatures damaged",
 }
 
 
@@ -100,7 +116,7 @@ FAULT_NOTES = {
 NOT_FOUND = {"EAI_NONAME", "EAI_NODATA", "ENOTFOUND", "ENODATA", "NXDOMAIN", "NoAnswer",
              "CURLE_COULDNT_RESOLVE_HOST"}
 CLASSES = {  # class: (colour, legend)
-    "real": ("#2e7d32", "the real address"),
+    "real": ("#2e7d32", "the real answer (the address; NXDOMAIN for bad_denial)"),
     "other": ("#6a1b9a", "another address (spoofed, stale or cached)"),
     "notfound": ("#c62828", "error: not found (permanent)"),
     "temporary": ("#ef6c00", "error: temporary failure / timeout"),
@@ -136,7 +152,10 @@ def outcome_text(result: dict[str, Any] | None) -> str:
 class Proxy:
     def __init__(self, workdir: Path) -> None:
         (workdir / "upstream").mkdir()
-        self.upstream = Unbound(workdir / "upstream").start()
+        # The parent zone too, so a validating resolver checks the chain from
+        # the parent's DS (its trust anchor) down.
+        self.upstream = Unbound(workdir / "upstream", parent=True,
+                                hosts=len(ROW_ORDER) * len(FAULTS)).start()
         self.launcher = ProxyLauncher(workdir, lambda: [self.upstream])
         self.host = loopback_with_free_port(53)
         self.proc = self.launcher.start("--listen", f"{self.host}:53", upstreams=[self.upstream],
@@ -208,14 +227,16 @@ class Resolver:
     key: str
     title: str
     version_cmd: list[str]
-    config: Callable[[Path, str, str], list[str]]  # (dir, host, proxy) -> argv
+    config: Callable[[Path, str, str, str], list[str]]  # (dir, host, proxy, anchor) -> argv
     host: str = ""
     proc: subprocess.Popen | None = None
     # named listens only on the addresses of interfaces (lo has 127.0.0.1
     # only), not on any 127.0.0.X: it needs 127.0.0.1:53 free.
     only_host: str = ""
+    validating: bool = False  # trusts the upstream's parent zone (test.) DS
+    cache_wait: float = CACHE_WAIT
 
-    def start(self, workdir: Path, proxy_host: str, taken: list[str]) -> None:
+    def start(self, workdir: Path, proxy_host: str, taken: list[str], anchor: str) -> None:
         directory = workdir / self.key
         directory.mkdir()
         if self.only_host:
@@ -224,7 +245,7 @@ class Resolver:
             self.host = self.only_host
         else:
             self.host = loopback_with_free_port(53, first=120, skip=taken)
-        argv = self.config(directory, self.host, proxy_host)
+        argv = self.config(directory, self.host, proxy_host, anchor)
         log = open(directory / "log", "wb")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=directory)
@@ -239,8 +260,19 @@ class Resolver:
             self.proc = None
 
 
-def _unbound(serve_expired: bool) -> Callable[[Path, str, str], list[str]]:
-    def config(d: Path, host: str, proxy: str) -> list[str]:
+def _ds(anchor: str) -> tuple[str, str]:
+    """The owner and the rdata of a DS record's text."""
+    fields = anchor.split()
+    return fields[0], " ".join(fields[fields.index("DS") + 1:])
+
+
+def _unbound(serve_expired: bool, validating: bool = False
+             ) -> Callable[[Path, str, str, str], list[str]]:
+    def config(d: Path, host: str, proxy: str, anchor: str) -> list[str]:
+        validator = ('    module-config: "validator iterator"\n'
+                     f'    trust-anchor: "{" ".join(anchor.split())}"\n'
+                     "    ede: yes\n    val-log-level: 2\n    aggressive-nsec: no\n"
+                     if validating else '    module-config: "iterator"\n')
         (d / "unbound.conf").write_text(f"""\
 server:
     interface: {host}@53
@@ -253,8 +285,7 @@ server:
     use-syslog: no
     logfile: ""
     num-threads: 1
-    module-config: "iterator"
-    access-control: 127.0.0.0/8 allow
+{validator}    access-control: 127.0.0.0/8 allow
     do-not-query-localhost: no
     qname-minimisation: no
     serve-expired: {"yes" if serve_expired else "no"}
@@ -269,7 +300,7 @@ forward-zone:
     return config
 
 
-def _bind(d: Path, host: str, proxy: str) -> list[str]:
+def _bind(d: Path, host: str, proxy: str, anchor: str) -> list[str]:
     (d / "named.conf").write_text(f"""\
 options {{
     directory "{d}";
@@ -290,24 +321,41 @@ controls {{ }};
     return ["named", "-g", "-4", "-c", str(d / "named.conf")]
 
 
-def _kresd(d: Path, host: str, proxy: str) -> list[str]:
-    (d / "kresd.conf").write_text(f"""\
+def _kresd(validating: bool) -> Callable[[Path, str, str, str], list[str]]:
+    def config(d: Path, host: str, proxy: str, anchor: str) -> list[str]:
+        # STUB does not validate, FORWARD does (from the anchor down).
+        mode = "FORWARD" if validating else "STUB"
+        ta = f"trust_anchors.add('{' '.join(anchor.split())}')\n" if validating else ""
+        (d / "kresd.conf").write_text(f"""\
 net.listen('{host}', 53, {{ kind = 'dns' }})
 trust_anchors.remove('.')
-policy.add(policy.all(policy.STUB({{'{proxy}@53'}})))
+{ta}policy.add(policy.all(policy.{mode}({{'{proxy}@53'}})))
 cache.size = 10 * MB
 """)
-    return ["kresd", "-n", "-q", "-c", str(d / "kresd.conf"), str(d)]
+        return ["kresd", "-n", "-q", "-c", str(d / "kresd.conf"), str(d)]
+    return config
 
 
-def _pdns(d: Path, host: str, proxy: str) -> list[str]:
+def _pdns(validating: bool) -> Callable[[Path, str, str, str], list[str]]:
+    def config(d: Path, host: str, proxy: str, anchor: str) -> list[str]:
+        dnssec = ["--dnssec=off"]
+        if validating:
+            owner, rdata = _ds(anchor)
+            (d / "ta.lua").write_text(f"clearTA('.')\naddTA('{owner}', '{rdata}')\n")
+            dnssec = ["--dnssec=validate", f"--lua-config-file={d / 'ta.lua'}",
+                      "--extended-resolution-errors=yes"]
+        return _pdns_argv(d, host, proxy, dnssec)
+    return config
+
+
+def _pdns_argv(d: Path, host: str, proxy: str, dnssec: list[str]) -> list[str]:
     return ["pdns_recursor", "--daemon=no", f"--local-address={host}", "--local-port=53",
-            f"--forward-zones-recurse=.={proxy}:53", "--dont-query=", "--dnssec=off",
+            f"--forward-zones-recurse=.={proxy}:53", "--dont-query=", *dnssec,
             f"--config-dir={d}", f"--socket-dir={d}", "--threads=1", "--disable-syslog",
             "--quiet=yes"]
 
 
-def _dnsmasq(d: Path, host: str, proxy: str) -> list[str]:
+def _dnsmasq(d: Path, host: str, proxy: str, anchor: str) -> list[str]:
     return ["dnsmasq", "-k", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
             f"--server={proxy}#53", f"--listen-address={host}", "--bind-interfaces",
             "--port=53", "--cache-size=1000", f"--pid-file={d}/dnsmasq.pid", "--user=root"]
@@ -321,10 +369,22 @@ RESOLVERS = {
     "bind9": Resolver("bind9", "BIND 9, stale-answer-enable yes", ["named", "-v"], _bind,
                       only_host="127.0.0.1"),
     "knot-resolver": Resolver("knot-resolver", "Knot Resolver (kresd), defaults",
-                              ["kresd", "--version"], _kresd),
+                              ["kresd", "--version"], _kresd(False), cache_wait=KRESD_WAIT),
     "pdns-recursor": Resolver("pdns-recursor", "PowerDNS Recursor, defaults",
-                              ["pdns_recursor", "--version"], _pdns),
+                              ["pdns_recursor", "--version"], _pdns(False)),
     "dnsmasq": Resolver("dnsmasq", "dnsmasq, defaults", ["dnsmasq", "--version"], _dnsmasq),
+    # Validating, from the DS of the parent zone test. (the upstream serves it).
+    "unbound-validating": Resolver("unbound-validating", "unbound, validating",
+                                   ["unbound", "-V"], _unbound(False, validating=True),
+                                   validating=True),
+    "knot-resolver-validating": Resolver("knot-resolver-validating",
+                                         "Knot Resolver (kresd), validating (FORWARD)",
+                                         ["kresd", "--version"], _kresd(True), validating=True,
+                                         cache_wait=KRESD_WAIT),
+    "pdns-recursor-validating": Resolver("pdns-recursor-validating",
+                                         "PowerDNS Recursor, --dnssec=validate",
+                                         ["pdns_recursor", "--version"], _pdns(True),
+                                         validating=True),
 }
 
 
@@ -448,7 +508,7 @@ STACKS = {
                   lambda w, ns: in_namespace(_resolv(w, ns), [sys.executable, "-c", CURL_CLIENT]),
                   lambda: _out(["curl", "--version"], r"curl \S+")),
 }
-# The order fixes each row's names: row i, fault j asks host(i * 12 + j).
+# The order fixes each row's names: row i, fault j asks host(i * len(FAULTS) + j).
 ROW_ORDER = [*STACKS, *RESOLVERS]
 
 
@@ -491,18 +551,41 @@ class Cell:
     recovery_polls: list[str] = field(default_factory=list)
     outcome: str = "skipped"
     note: str = ""
+    # A validating resolver row: what it answered a DO query under the fault
+    # (the rcode and the Extended DNS Errors that glibc does not show).
+    validator_reply: str | None = None
 
 
 def name_for(row: str, fault: str) -> str:
     i = ROW_ORDER.index(row) * len(FAULTS) + list(FAULTS).index(fault)
-    return zone.host_name(i)
+    return f"nosuch{i}.{zone.ORIGIN}" if fault in NEGATIVE else zone.host_name(i)
+
+
+def cell_outcome(result: dict[str, Any] | None, real: list[str], negative: bool) -> str:
+    """The outcome class; for a negative cell "not found" is the real answer."""
+    cls = outcome_class(result, real)
+    return "real" if negative and cls == "notfound" else cls
+
+
+def validator_reply(host: str, name: str) -> str:
+    """The rcode and EDEs a resolver gives a DO query for NAME (A)."""
+    try:
+        reply = dns.query.udp(dns.message.make_query(name, "A", want_dnssec=True), host,
+                              port=53, timeout=3)
+    except Exception as exc:  # a timeout is a result too
+        return f"no reply ({type(exc).__name__})"
+    text = dns.rcode.to_text(reply.rcode())
+    for code, extra in ede_of(reply):
+        text += f", EDE {code}" + (f" ({extra})" if extra else "")
+    return text
 
 
 def measure(proxy: Proxy, workdir: Path, row: str, fault: str, nameserver: str,
             cache_fill: bool) -> Cell:
     name = name_for(row, fault)
     bare = name.rstrip(".")
-    real = [zone.host_address(int(re.search(r"host(\d+)", name).group(1)))]
+    negative = fault in NEGATIVE
+    real = [] if negative else [zone.host_address(int(re.search(r"host(\d+)", name).group(1)))]
     cell = Cell(row, fault, name)
     stack = STACKS["glibc"] if row in RESOLVERS else STACKS[row]
     client = Client(stack.argv(workdir, nameserver))
@@ -513,23 +596,25 @@ def measure(proxy: Proxy, workdir: Path, row: str, fault: str, nameserver: str,
         cell.warm = client.ask(bare)
         if cache_fill:
             proxy.remove_rule(rule + "-warm")
-            time.sleep(CACHE_WAIT)
+            time.sleep(RESOLVERS[row].cache_wait)
         proxy.add_rule(rule, name, FAULTS[fault])
         cell.result = client.ask(bare)
         time.sleep(0.2)  # late retries still count
         cell.queries = proxy.matched(rule)
+        if row in RESOLVERS and RESOLVERS[row].validating:
+            cell.validator_reply = validator_reply(nameserver, name)
         proxy.remove_rule(rule)
         ended = time.monotonic()
         while True:
             got = client.ask(bare)
             cell.recovery_polls.append(outcome_text(got))
-            if sorted(got.get("addresses", [])) == real:
+            if cell_outcome(got, real, negative) == "real":
                 cell.recovery_s = round(time.monotonic() - ended, 1)
                 break
             if time.monotonic() - ended > RECOVERY_BOUND:
                 break
             time.sleep(POLL)
-        cell.outcome = outcome_class(cell.result, real)
+        cell.outcome = cell_outcome(cell.result, real, negative)
     finally:
         client.close()
         proxy.remove_rule(rule)
@@ -540,7 +625,10 @@ def measure(proxy: Proxy, workdir: Path, row: str, fault: str, nameserver: str,
 
 
 def run(rows: list[str], faults: list[str], budget: float, workdir: Path,
-        progress: Callable[[str], None] = print) -> dict[str, Any]:
+        progress: Callable[[str], None] = print,
+        only: set[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Measure rows x faults (or only the (row, fault) cells in `only`)."""
+    wanted = [(r, f) for r in rows for f in faults if only is None or (r, f) in only]
     started = time.monotonic()
     deadline = started + budget
     build_clients(set(rows) | ({"glibc"} if set(rows) & set(RESOLVERS) else set()))
@@ -555,19 +643,21 @@ def run(rows: list[str], faults: list[str], budget: float, workdir: Path,
             if key in RESOLVERS:
                 res = RESOLVERS[key]
                 try:
-                    res.start(workdir, proxy.host, taken)
+                    res.start(workdir, proxy.host, taken, proxy.upstream.trust_anchor)
                     taken.append(res.host)
                     resolvers.append(res)
                 except (RuntimeError, OSError) as exc:
                     problems[key] = str(exc)[:300]
                     progress(f"[matrix] {key}: not started: {exc}")
-        total = len(rows) * len(faults)
+        total = len(wanted)
 
         def work(row: str) -> None:
             if row in problems:
                 return
             target = RESOLVERS[row].host if row in RESOLVERS else proxy.host
             for fault in faults:
+                if (row, fault) not in wanted:
+                    continue
                 if time.monotonic() > deadline - 25:
                     with lock:
                         cells.append(Cell(row, fault, name_for(row, fault), note="deadline"))
@@ -600,7 +690,7 @@ def run(rows: list[str], faults: list[str], budget: float, workdir: Path,
         for res in resolvers:
             res.stop()
         proxy.stop()
-    order = {(r, f): (rows.index(r), faults.index(f)) for r in rows for f in faults}
+    order = {cell: i for i, cell in enumerate(wanted)}
     cells.sort(key=lambda c: order[(c.row, c.fault)])
     return {"rows": rows, "faults": faults, "cells": [asdict(c) for c in cells],
             "problems": problems, "versions": versions,
@@ -637,8 +727,12 @@ def svg(results: dict[str, Any]) -> str:
            '<text x="10" y="22" font-size="16">dnschaos client behaviour: what the application '
            'got, and seconds until the real answer came back</text>']
     for j, fault in enumerate(faults):
-        out.append(f'<text x="{left + j * w + w / 2}" y="{top - 10}" text-anchor="middle">'
-                   f'{fault}</text>')
+        # The DNSSEC breaks are wider than a column: one word a line.
+        words = fault.split("_")
+        for k, word in enumerate(words):
+            y = top - 10 - 14 * (len(words) - 1 - k)
+            out.append(f'<text x="{left + j * w + w / 2}" y="{y}" text-anchor="middle">'
+                       f'{word}</text>')
     for i, row in enumerate(rows):
         y = top + i * h
         out.append(f'<text x="{left - 8}" y="{y + h / 2 + 4}" text-anchor="end">'
@@ -702,8 +796,20 @@ def markdown(results: dict[str, Any], command: str) -> str:
         "cached spoof (the fault's default TTLs: negative 60 s, spoof 300 s). `stale` "
         "with `source: last` answers A from the warm-up but AAAA, never seen, with its "
         "fallback SERVFAIL, and glibc turns that pair into EAI_AGAIN. `delay` is 2 s, "
-        "longer than the 1 s timeout in resolv.conf. DNSSEC faults are not in this run "
-        "(the resolvers here do not validate).",
+        "longer than the 1 s timeout in resolv.conf.",
+        "",
+        "DNSSEC: the upstream serves the signed test zone and its signed parent `test.`; "
+        "the validating rows trust the parent's DS, so they check the chain down to each "
+        "answer. The dnssec faults act on DO queries only: the stubs and the non-validating "
+        "resolvers do not ask with DO, or do not check, so for them the fault changes "
+        "nothing (the real answer, usually). A validator turns damaged signatures into "
+        "SERVFAIL (glibc: EAI_AGAIN), and so also every unsigned answer the proxy makes up "
+        "(nxdomain, nodata, spoof, partial, ...) under the signed zone. A validator keeps "
+        "a bogus answer for a while (unbound's val-bogus-ttl is 60 s), hence recoveries "
+        f"beyond {results['recovery_bound_s']:g} s. `bad_denial` asks a name that does not "
+        "exist: its real answer is NXDOMAIN (EAI_NONAME). `empty_dnskey` and `ds_mismatch` "
+        "are not in the matrix: they act on the zone's DNSKEY / DS query, which a validator "
+        "makes once and then caches (the e2e tests flush its key cache to see them).",
         "",
         "## Versions",
         "",
@@ -723,6 +829,17 @@ def markdown(results: dict[str, Any], command: str) -> str:
         lines += ["## Not measured", ""]
         lines += [f"- {k}: {v.splitlines()[0] if v else ''}"
                   for k, v in results["problems"].items()]
+        lines.append("")
+    replies = [c for c in results["cells"] if c.get("validator_reply")]
+    if replies:
+        lines += ["## What the validating resolvers answered",
+                  "",
+                  "A DO query for the cell's name, asked of the resolver under the fault "
+                  "(right after the lookup above): its rcode and Extended DNS Errors "
+                  "(RFC 8914), which glibc does not pass on.",
+                  "", "| resolver | fault | reply |", "|---|---|---|"]
+        lines += [f"| {row_title(c['row'])} | {c['fault']} | {c['validator_reply']} |"
+                  for c in replies]
         lines.append("")
     lines += ["## By fault", ""]
     for fault in faults:

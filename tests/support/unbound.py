@@ -114,15 +114,18 @@ class Unbound(Endpoint):
 
     host = "127.0.0.1"
 
-    def __init__(self, directory: Path, reuseport: bool = False, parent: bool = False) -> None:
+    def __init__(self, directory: Path, reuseport: bool = False, parent: bool = False,
+                 hosts: int = zone.HOST_COUNT) -> None:
         """reuseport: unbound's `so-reuseport: yes` (its default), which lets
         another program's SO_REUSEPORT socket join its port.
         parent: also serve the parent zone (support.zone.PARENT), signed,
         delegating to the test zone with its DS; trust_anchor and trust_key
-        are then the parent's, so validators check the whole chain."""
+        are then the parent's, so validators check the whole chain.
+        hosts: how many hostN names the test zone has (more for the client matrix)."""
         self.directory = Path(directory)
         self.reuseport = reuseport
         self.parent = parent
+        self.hosts = hosts
         self.parent_zonefile: Path | None = None
         self.ipv6 = ipv6_loopback_available()
         self.signed = False
@@ -145,7 +148,7 @@ class Unbound(Endpoint):
 
     def _write_zone(self) -> Path:
         zonefile = self.directory / "example.test.zone"
-        zonefile.write_text(zone.zone_text())
+        zonefile.write_text(zone.zone_text(hosts=self.hosts))
         if signing_tools_available():
             zonefile, self.trust_anchor, self.trust_key = sign_zone(
                 self.directory, zonefile, zone.ORIGIN)

@@ -80,7 +80,7 @@ def parent_zone_text(child_ds: str, ns_address: str = "127.0.0.1") -> str:
     return "\n".join(lines) + "\n"
 
 
-def zone_text(ns_address: str = "127.0.0.1") -> str:
+def zone_text(ns_address: str = "127.0.0.1", hosts: int = HOST_COUNT) -> str:
     lines = [
         f"$ORIGIN {ORIGIN}",
         f"$TTL {TTL}",
@@ -96,6 +96,6 @@ def zone_text(ns_address: str = "127.0.0.1") -> str:
         f"mail IN A {MAIL_A}",
         "big IN TXT " + " ".join(f'"{s}"' for s in BIG_TXT_STRINGS),
         "huge IN TXT " + " ".join(f'"{s}"' for s in HUGE_TXT_STRINGS),
-        *(f"host{i} IN A {host_address(i)}" for i in range(HOST_COUNT)),
+        *(f"host{i} IN A {host_address(i)}" for i in range(hosts)),
     ]
     return "\n".join(lines) + "\n"
