@@ -71,6 +71,9 @@ def healed(fleet):
 
 def test_a_start_on_one_is_in_force_on_all_when_it_returns(fleet):
     p1, p2, p3 = fleet.proxies
+    wait_until(lambda: sorted(p.metric("dnschaos_control_leader") for p in fleet.proxies)
+               == [0.0, 0.0, 1.0], timeout=6, what="one leader")
+    assert [p.metric("dnschaos_control_connected") for p in fleet.proxies] == [1.0] * 3
     assert fleet.rcodes() == [NOERROR] * 3
     status, row = api(p1, "POST", "/api/scenarios/long/start")
     assert status == 201, row
