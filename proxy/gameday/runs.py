@@ -33,7 +33,6 @@ from proxy.core.deps import merge_rows
 from proxy.core.engine import Engine
 from proxy.core.model import Rule, Scenario, cap_warning, wanted_length
 from proxy.core.preview import UpstreamHealth, preflight, preview, selects_nothing
-from proxy.core.recovery import Recovery, faulted_pairs
 from proxy.core.schedule import Scheduler, format_time, next_start, parse_time
 from proxy.gameday.catalog import Catalog, Changes
 from proxy.gameday.probes import Checker, ProbeMonitor, check
@@ -46,6 +45,7 @@ from proxy.gameday.records import (
     RunRecord,
     rule_run,
 )
+from proxy.gameday.recoveries import RecoveryWatches
 from proxy.gameday.report import build_report, write_report
 from proxy.runtime import cancel_and_wait
 
@@ -77,9 +77,6 @@ class GameDay:
         self.engine = engine
         self.deps = deps or (lambda: merge_rows([]))
         self.upstreams = upstreams or (lambda: [])
-        self.recovery_window = recovery_window
-        self.recoveries: dict[str, Recovery] = {}
-        """Recovery watch of ended runs (at most KEEP_REPORTS, oldest first)."""
         self.before_tick = before_tick
         self.max_run_duration = max_run_duration
         self.ended_run_retention = ended_run_retention
@@ -94,6 +91,9 @@ class GameDay:
         self.rules: dict[str, AdhocRecord] = {}
         self.reports: dict[str, dict[str, Any]] = {}
         """Reports of ended runs, newest last (at most KEEP_REPORTS)."""
+        self.recoveries = RecoveryWatches(recovery_window, KEEP_REPORTS, lambda: self.deps(),
+                                          self.reports, lambda: self.report_dir)
+        """Whether the clients of each ended run come back (gameday/recoveries.py)."""
         self.skipped: list[dict[str, Any]] = []
         """Scheduled starts not made because the scenario's file was refused
         (the last KEEP_SKIPPED)."""
@@ -334,7 +334,7 @@ class GameDay:
         if self.ended:
             self._expire_ended(now)
         if self.watching():
-            self._watch_recoveries(now)
+            self.recoveries.update(now)
         for run_id, reason in self.engine.tick(now):
             record = self.runs.get(run_id)
             if record is not None:
@@ -438,15 +438,7 @@ class GameDay:
             self.on_counts(record.id, stats, clients)
         record.report = self._report(record, stats, clients)
         if not record.dry_run:
-            recovery = Recovery.start(faulted_pairs(clients), self.deps(), ended_at,
-                                      self.recovery_window)
-            if not recovery.entries:
-                recovery.closed = True  # no client got a fault: nothing to watch
-            else:
-                self.recoveries[record.id] = recovery
-                while len(self.recoveries) > KEEP_REPORTS:
-                    del self.recoveries[next(iter(self.recoveries))]
-            record.report["recovery"] = recovery.summary()
+            record.report["recovery"] = self.recoveries.begin(record.id, clients, ended_at)
         self._keep_ended(record.id, record.scenario.name, record.dry_run, ended_at, stats, clients)
         self.engine.forget(record.id)
         self.reports[record.id] = record.report
@@ -495,43 +487,15 @@ class GameDay:
 
     def watching(self) -> bool:
         """Whether a recovery window is still open."""
-        return any(not r.closed for r in self.recoveries.values())
-
-    def _watch_recoveries(self, now: float) -> None:
-        rows = self.deps()
-        for run_id, recovery in self.recoveries.items():
-            if recovery.closed:
-                continue
-            recovery.update(rows, now)
-            report = self.reports.get(run_id)
-            if report is None:
-                continue
-            report["recovery"] = recovery.summary()
-            if recovery.closed and self.report_dir:
-                try:
-                    write_report(self.report_dir, report)  # the final recovery section
-                except OSError as exc:
-                    log.error("cannot rewrite the report of run %s: %s", run_id, exc)
+        return self.recoveries.watching()
 
     def recovery(self, run_id: str) -> dict[str, Any] | None:
-        recovery = self.recoveries.get(run_id)
-        if recovery is not None:
-            return recovery.summary()
-        report = self.reports.get(run_id)
-        return report.get("recovery") if report is not None else None
+        return self.recoveries.summary(run_id)
 
     def unrecovered(self) -> list[tuple[str, str, int]]:
         """(run, scenario, clients not back yet) of each watched run, while its
         window is open or its other series are kept (ended_run_retention)."""
-        out = []
-        now = self.clock()
-        for run_id, recovery in self.recoveries.items():
-            if now >= recovery.ended_at + recovery.window and run_id not in self.ended:
-                continue  # window over and the run's other series gone: this one goes too
-            report = self.reports.get(run_id)
-            scenario = report["scenario"] if report is not None else ""
-            out.append((run_id, scenario, recovery.unrecovered()))
-        return out
+        return self.recoveries.unrecovered(self.clock(), lambda run_id: run_id in self.ended)
 
     # --- ended runs' final counts, for /metrics ------------------------------------------
 
