@@ -73,7 +73,8 @@ class DepMap:
 
     def answer(self, client: str, question: bytes, reply: bytes) -> None:
         """The upstream's reply to `client`'s question (question section bytes).
-        The reply path calls this per query: one call, two look-ups."""
+        The reply path calls this per query: one call, two look-ups (`_entry`
+        written out, to save a call per query)."""
         names = self.clients.get(client)
         if names is None:
             names = self._new_client(client)
@@ -94,18 +95,19 @@ class DepMap:
 
     def timeout(self, client: str, question: bytes) -> None:
         """No upstream answered within the deadline."""
+        entry = self._entry(client, question)
+        if entry is not None:
+            entry[TIMEOUT] += 1
+            entry[LAST] = self.now
+
+    def _entry(self, client: str, question: bytes) -> list[float] | None:
+        """The entry of (client, question), made if the caps allow (None: counted)."""
         names = self.clients.get(client)
         if names is None:
             names = self._new_client(client)
             if names is None:
-                return
-        entry = names.get(question)
-        if entry is None:
-            entry = self._new_entry(client, names, question)
-            if entry is None:
-                return
-        entry[TIMEOUT] += 1
-        entry[LAST] = self.now
+                return None
+        return names.get(question) or self._new_entry(client, names, question)
 
     def _new_client(self, client: str) -> dict[bytes, list[float]] | None:
         if len(self.clients) >= self.max_clients:
