@@ -169,6 +169,11 @@ def add_client_commands(commands: Any) -> None:
     preview.add_argument("--window", default="1h",
                          help="how far back the map is read (default 1h)")
 
+    recovery = commands.add_parser(
+        "recovery", parents=[common],
+        help="whether the clients a run hit get real answers again (after the run)")
+    recovery.add_argument("run", help="run id, or a scenario name: its latest run")
+
     commands.add_parser("reset", parents=[common], help="heal everything at once")
     report = commands.add_parser("report", parents=[common], help="a run's report")
     report.add_argument("run", nargs="?",
@@ -267,6 +272,16 @@ def run_client(args: argparse.Namespace) -> int:
         return _deps(args, client)
     if command == "preview":
         return _preview(args, client)
+    if command == "recovery":
+        out = client.call("GET", f"/api/reports/{_q(args.run)}")
+        section = out.get("recovery")
+        if not section:
+            return _print(args, section, f"run {out['run']}: no recovery to watch "
+                          "(still live, a dry run, or no client got a fault)")
+        state = "closed" if section["closed"] else "open"
+        text = (f"run {out['run']}: recovery window {section['window']:.0f} s, {state}\n\n"
+                + table(section["entries"], ["client", "name", "status", "after"]))
+        return _print(args, section, text)
     if command == "reset":
         out = client.call("POST", "/api/reset", {})
         return _print(args, out, f"reset: {len(out['runs'])} run(s) stopped, "

@@ -240,7 +240,8 @@ def _main(argv: list[str] | None) -> int:
             return main_schema()
         if args.command == "demo":
             return run_demo(args.interval)
-        if args.command in ("scenario", "rule", "reset", "report", "deps", "preview"):
+        if args.command in ("scenario", "rule", "reset", "report", "deps", "preview",
+                            "recovery"):
             return run_client(args)
     except InvalidFile as exc:
         print(exc, file=sys.stderr)

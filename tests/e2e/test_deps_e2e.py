@@ -185,6 +185,14 @@ def test_recovery_after_a_run(start_proxy, tmp_path):
     assert report["recovery"] == final
     md = proxy.get(f"/api/reports/{run_id}?format=md")[1]
     assert "## Recovery" in md and f"| {C3} | {zone.WWW} | unseen |  |" in md
+    env = {"DNSCHAOS_API": proxy.admin_url, "PYTHONPATH": "."}
+    shown = subprocess.run([sys.executable, "-m", "proxy", "recovery", "outage"],
+                           capture_output=True, text=True, env=env, check=True).stdout
+    lines = shown.splitlines()
+    assert lines[0] == f"run {run_id}: recovery window 4 s, closed"
+    assert lines[2].split() == ["CLIENT", "NAME", "STATUS", "AFTER"]
+    assert [(e["client"], e["name"], e["status"]) for e in final["entries"]] == [
+        tuple(line.split()[:3]) for line in lines[3:]]
 
 
 def proxy_workers(proxy) -> list[dict]:
