@@ -1,6 +1,6 @@
 """The game-day console: a static page served by the admin listener at `/`
-(index.html) and `/console/<file>`, reading the same JSON API the CLI uses;
-`/console/routes.json` lists the API routes this proxy has.
+(index.html) and `/console/<file>`, reading the same JSON API the CLI uses
+(served by the same proxy, so every route it asks for is there).
 
 The files hold no data, so they are served without the token even where
 reads need it (off loopback): the page asks for the token itself when the
@@ -22,7 +22,6 @@ FILES = {
     "console.css": "text/css",
     "favicon.svg": "image/svg+xml",
 }
-ROUTES = "routes.json"
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; base-uri 'none'; form-action 'none'; "
                                "frame-ancestors 'none'",
@@ -49,17 +48,7 @@ async def index(request: web.Request) -> web.Response:
 
 
 async def console_file(request: web.Request) -> web.Response:
-    if request.match_info["file"] == ROUTES:
-        return web.json_response({"routes": routes(request.app)}, headers=HEADERS)
     return _file(request.match_info["file"])
-
-
-def routes(app: web.Application) -> list[str]:
-    """'METHOD /path' of every API route: the page asks only for what this
-    proxy has (a request answered 404 is a console error in a browser)."""
-    return sorted({f"{r.method} {r.resource.canonical}" for r in app.router.routes()
-                   if r.resource is not None and r.resource.canonical.startswith("/api/")
-                   and r.method != "HEAD"})
 
 
 def add_console_routes(app: web.Application) -> None:

@@ -9,7 +9,6 @@
   const POLL_MS = 1000;
   const DEPS_MS = 3000;
   const SCENARIOS_MS = 5000;
-  const ROUTES_MS = 30000;
   const TOKEN_KEY = "dnschaos.token";
   const HISTORY = 60;
   const SVG = "http://www.w3.org/2000/svg";
@@ -29,8 +28,6 @@
     skew: 0,                 // server clock - browser clock, seconds
     depsAt: 0,
     scenariosAt: 0,
-    routes: null,            // Set of "METHOD /api/path" this proxy has
-    routesAt: 0,
     polling: false,
     again: false,
     timer: null,
@@ -313,7 +310,6 @@
     state.polling = true;
     try {
       const t = Date.now();
-      if (t - state.routesAt > ROUTES_MS) await pollRoutes();
       const tasks = [pollRuns(), pollStatus(), pollMetrics()];
       if (t - state.scenariosAt > SCENARIOS_MS) tasks.push(pollScenarios());
       if (t - state.depsAt > DEPS_MS) tasks.push(pollDeps());
@@ -327,19 +323,6 @@
       state.again = false;
       state.timer = setTimeout(poll, soon ? 0 : POLL_MS);
     }
-  }
-
-  // Which API routes this proxy has: the page asks only for those (a 404 is a
-  // console error in the browser), and says "not available" for the rest.
-  async function pollRoutes() {
-    const r = await read("/console/routes.json");
-    if (!r || r.status !== 200) return;
-    state.routesAt = Date.now();
-    state.routes = new Set(r.data.routes || []);
-  }
-
-  function has(route) {
-    return state.routes === null || state.routes.has(route);
   }
 
   async function scenarioDetail(name) {
@@ -548,10 +531,8 @@
     }
     const recovery = run.recovery;
     if (!recovery) {
-      status.textContent = !("recovery" in run)
-        ? "Recovery tracking is not available on this proxy."
-        : run.state === "ended" ? "No recovery to watch for this run."
-          : "Watched from the run's end: each client hit, and whether its names answer again.";
+      status.textContent = run.state === "ended" ? "No recovery to watch for this run."
+        : "Watched from the run's end: each client hit, and whether its names answer again.";
       tbody.replaceChildren();
       return;
     }
@@ -639,17 +620,11 @@
         el("strong", {}, p.name), ` for ${duration(p.duration)}: `,
         p.rules.map((rule) => `${rule.name} → ${rule.fault.type || JSON.stringify(rule.fault)}`).join("; ") || "no rule"))));
     }
-    const available = has("POST /api/preview");
-    const r = available ? await mutate("POST", "/api/preview", { scenario: name }, `preview ${name}`)
-      : { status: 404 };
+    const r = await mutate("POST", "/api/preview", { scenario: name }, `preview ${name}`);
     if (starting !== name) return;
     if (r.status === 200 && r.data) {
       renderPreview(r.data);
       $("#require-traffic-label").hidden = false;
-    } else if (!available) {
-      $("#preview").textContent = "The preview is not available on this proxy (no /api/preview): "
-        + "it cannot say what this would hit.";
-      $("#preflight").textContent = "Not available.";
     } else {
       $("#preview").textContent = `No preview: ${r.error}`;
       $("#preflight").textContent = "Not run.";
@@ -824,16 +799,8 @@
   async function pollDeps() {
     state.depsAt = Date.now();
     const note = $("#deps-state");
-    const r = has("GET /api/dependencies") ? await read(depsQuery()) : { status: 404 };
+    const r = await read(depsQuery());
     if (!r) return;
-    if (r.status === 404) {
-      note.textContent = "The dependency map is not available on this proxy (no /api/dependencies).";
-      note.className = "empty";
-      $("#deps-table").hidden = true;
-      $("#deps-graph").replaceChildren();
-      $("#deps-graph").classList.add("none");
-      return;
-    }
     if (r.status !== 200) {
       note.textContent = `Dependency map: ${r.error}`;
       note.className = "error";

@@ -47,7 +47,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.config import Settings
-from proxy.control.counts import merge_instances, merge_rule_rows
+from proxy.control.counts import merge_instances
 from proxy.control.ops import Op, apply, prepare
 from proxy.control.url import redact
 from proxy.core.deps import merge_rows
@@ -330,12 +330,19 @@ class ControlPlane:
         instance's map lives in its own process, so one that restarted
         starts an empty one; without Redis, this instance's own."""
         own = self.gameday.deps()
-        try:
-            raw = await asyncio.wait_for(self.redis.hgetall(self.deps_key), 2.0)
-        except FAILURES:
+        written = await self._each_instance(self.deps_key)
+        if written is None:
             return own
-        others = [json.loads(text) for name, text in raw.items() if name != self.name]
-        return merge_rows([own, *others])
+        return merge_rows([own, *(rows for name, rows in written.items() if name != self.name)])
+
+    async def _each_instance(self, key: str) -> dict[str, Any] | None:
+        """What each instance wrote under `key` (a hash: instance -> JSON), or
+        None when Redis does not answer within 2 s."""
+        try:
+            raw = await asyncio.wait_for(self.redis.hgetall(key), 2.0)
+        except FAILURES:
+            return None
+        return {name: json.loads(text) for name, text in raw.items()}
 
     def _connected(self) -> None:
         self._last_ok = time.monotonic()
@@ -437,14 +444,11 @@ class ControlPlane:
         others' as last written, up to COUNTS_EVERY seconds old), and the
         instances counted; without Redis, this instance's own."""
         own = self.gameday.engine.stats(run_id)
-        try:
-            raw = await asyncio.wait_for(self.redis.hgetall(self.counts_key + run_id), 2.0)
-        except FAILURES:
+        rows = await self._each_instance(self.counts_key + run_id)
+        if rows is None:
             return own, [self.name]
-        rows = {name: json.loads(text) for name, text in raw.items()}
         rows[self.name] = {"stats": own, "clients": []}
-        return merge_rule_rows([rows[name].get("stats") or [] for name in sorted(rows)]), \
-            sorted(rows)
+        return merge_instances(rows)[0], sorted(rows)
 
     async def merged_report(self, run_id: str) -> dict[str, Any] | None:
         """The report of a run with the counts of every instance, or None when
@@ -453,11 +457,9 @@ class ControlPlane:
         record = gd.runs.get(run_id) or gd.finished.get(run_id)
         if record is None:
             return None
-        try:
-            raw = await asyncio.wait_for(self.redis.hgetall(self.counts_key + run_id), 2.0)
-        except FAILURES:
+        rows = await self._each_instance(self.counts_key + run_id)
+        if rows is None:
             return None  # this instance's own report, then
-        rows = {name: json.loads(text) for name, text in raw.items()}
         if gd.engine.get_run(run_id) is not None:
             if self._refresh is not None:
                 await self._refresh()

@@ -78,7 +78,7 @@ def preview(scenario: Scenario, rows: dict[str, Any], now: float,
                                 n["queries"]))
     phases = []
     for phase in scenario.phases:
-        rules = [(rule, rule.name or f"{phase.name}/{i}", Selector(rule.match, sampling=False))
+        rules = [(rule, rule.name or f"{phase.name}/{i}", _map_selector(rule.match))
                  for i, rule in enumerate(phase.rules)]
         found: list[dict[str, dict[str, list[float]]]] = [{} for _ in rules]
         for client, name, qtype, queries in entries:
@@ -87,9 +87,7 @@ def preview(scenario: Scenario, rows: dict[str, Any], now: float,
             for index, (rule, _, selector) in enumerate(rules):
                 if left <= 0.0:
                     break
-                if rule.match.transport is not None or rule.match.listener is not None:
-                    view = view._replace(transport=rule.match.transport or "udp")
-                if not _selects(selector, rule.match, view):
+                if not selector.matches(view):
                     continue
                 share = _share(rule.match, client, name)
                 counts = found[index].setdefault(client, {}).setdefault(name + ".", [0, 0.0])
@@ -103,11 +101,13 @@ def preview(scenario: Scenario, rows: dict[str, Any], now: float,
     return {"scenario": scenario.name, "window": window, "phases": phases}
 
 
-def _selects(selector: Selector, match: Match, view: QueryView) -> bool:
-    if match.listener is not None:
-        # Unknown from the map: compile without it (the rest must still match).
-        selector = Selector(match.model_copy(update={"listener": None}), sampling=False)
-    return selector.matches(view)
+def _map_selector(match: Match) -> Selector:
+    """The rule's selector without its sampling, and without the keys the map
+    does not know (transport, listener): those count as matching, the rest
+    must still match."""
+    if match.transport is not None or match.listener is not None:
+        match = match.model_copy(update={"transport": None, "listener": None})
+    return Selector(match, sampling=False)
 
 
 def _rule_row(rule: Rule, name: str, clients: dict[str, dict[str, list[float]]]

@@ -153,14 +153,6 @@ def attrs(locator, name: str) -> set[str | None]:
     return set(locator.evaluate_all(f"els => els.map(e => e.getAttribute('{name}'))"))
 
 
-def deps_available(proxy) -> bool:
-    return api(proxy, "GET", "/api/dependencies")[0] != 404
-
-
-def preview_available(proxy) -> bool:
-    return api(proxy, "POST", "/api/preview", {"scenario": "www-outage"})[0] != 404
-
-
 def run_ids(proxy) -> list[str]:
     return [r["run"] for r in api(proxy, "GET", "/api/runs")[1]["runs"]]
 
@@ -181,17 +173,11 @@ def test_page_loads_with_no_errors(proxy, browser):
     assert page.locator("#fps").inner_text() == "0.0"  # nothing faulted yet
     browser.shot("01-loaded")
     assert browser.console == [] and browser.errors == [] and browser.failed == []
-    # Not even a 404 for an endpoint this proxy lacks: the page asks only for
-    # the routes /console/routes.json lists.
-    assert browser.responses == []
+    assert browser.responses == []  # no error response either
 
 
 def test_dependency_table_lists_the_clients_that_queried(proxy, browser):
     page = browser.page
-    if not deps_available(proxy):
-        expect(page.locator("#deps-state")).to_contain_text("not available")
-        browser.shot("02-dependencies")
-        pytest.skip("no /api/dependencies on this proxy yet (the deps branch adds it)")
     rows = page.locator("#deps-table tbody tr[data-name]")
     wait_until(lambda: attrs(rows, "data-client") == set(CLIENTS),
                timeout=8, what="the three clients in the dependency table")
@@ -228,10 +214,10 @@ def test_start_without_the_token_is_refused_visibly(proxy, browser):
     page = browser.page
     page.locator("#scenarios tbody tr[data-key='www-outage'] button.start").click()
     expect(page.locator("#start-dialog")).to_be_visible()
-    if preview_available(proxy):  # the preview is a POST: it asks for the token first
-        expect(page.locator("#token-dialog")).to_be_visible()
-        page.locator("#token-cancel").click()
-        expect(page.locator("#message")).to_contain_text("refused, this needs the admin token")
+    # The preview is a POST: it asks for the token first.
+    expect(page.locator("#token-dialog")).to_be_visible()
+    page.locator("#token-cancel").click()
+    expect(page.locator("#message")).to_contain_text("refused, this needs the admin token")
     page.locator("#start-confirm").click()  # start, without a token
     expect(page.locator("#token-dialog")).to_be_visible()
     page.locator("#token-cancel").click()
@@ -261,23 +247,15 @@ def test_start_from_the_page_changes_real_answers(proxy, browser):
     page = browser.page
     assert rcode(proxy, "127.0.0.2") == OK
     page.locator("#scenarios tbody tr[data-key='www-outage'] button.start").click()
-    with_preview = preview_available(proxy)
-    if with_preview:
-        give_token(page)
+    give_token(page)
     # The preview and the preflight come before the confirmation.
     expect(page.locator("#start-confirm")).to_be_enabled()
     expect(page.locator("#start-phases")).to_contain_text("www-nx → nxdomain")
-    if with_preview:
-        expect(page.locator("#preview-table")).to_contain_text("www-nx")
-        expect(page.locator("#preflight")).to_contain_text("Preflight")
-    else:
-        expect(page.locator("#preview")).to_contain_text("not available")
-        expect(page.locator("#preflight")).to_contain_text("Not available")
+    expect(page.locator("#preview-table")).to_contain_text("www-nx")
+    expect(page.locator("#preflight")).to_contain_text("Preflight")
     browser.shot("04-preview")
     assert run_ids(proxy) == [] and rcode(proxy, "127.0.0.2") == OK  # nothing started yet
     page.locator("#start-confirm").click()
-    if not with_preview:
-        give_token(page)
     expect(page.locator("#start-dialog")).to_be_hidden()
     expect(page.locator("#message")).to_contain_text("started www-outage-")
     (run,) = run_ids(proxy)
@@ -293,8 +271,7 @@ def test_start_from_the_page_changes_real_answers(proxy, browser):
     expect(page.locator("#affected tbody tr[data-key='127.0.0.2']")).to_contain_text(
         "nxdomain: ")
     expect(page.locator("#countdown")).to_contain_text("Phase 1 of 2")
-    if deps_available(proxy):  # recovery is watched from the end
-        expect(page.locator("#recovery-state")).to_contain_text("Watched from the run's end")
+    expect(page.locator("#recovery-state")).to_contain_text("Watched from the run's end")
     wait_until(lambda: page.locator("#fps").inner_text() not in ("-", "0.0"), timeout=8,
                what="a fault rate")
     browser.shot("05-running")
@@ -339,10 +316,6 @@ def test_stop_reverts_the_answers(proxy, browser):
 def test_recovery_is_shown_as_it_happens(proxy, browser):
     page = browser.page
     (run,) = run_ids(proxy)
-    if "recovery" not in api(proxy, "GET", f"/api/runs/{run}")[1]:
-        expect(page.locator("#recovery-state")).to_contain_text("not available")
-        pytest.skip("no recovery in GET /api/runs/{id} on this proxy yet (the deps branch "
-                    "adds it)")
     rows = page.locator("#recovery tbody tr")
     wait_until(lambda: attrs(rows, "data-key")
                >= {f"127.0.0.2 {zone.WWW}", f"127.0.0.3 {zone.WWW}"}, timeout=8,
@@ -385,8 +358,6 @@ def test_reset_from_the_page_removes_an_ad_hoc_rule(proxy, browser):
 
 def test_preflight_warns_and_require_traffic_refuses(proxy, browser):
     page = browser.page
-    if not preview_available(proxy):
-        pytest.skip("no /api/preview on this proxy yet (the deps branch adds it)")
     page.locator("#scenarios tbody tr[data-key='nobody'] button.start").click()
     expect(page.locator("#preview-table tbody tr")).to_contain_text("ghost-nx")
     cells = page.locator("#preview-table tbody tr td")

@@ -60,22 +60,32 @@ server:
 remote-control:
     control-enable: no
 
-auth-zone:
-    name: "{origin}"
-    zonefile: "{zonefile}"
-    for-downstream: yes
-    for-upstream: no
-    fallback-enabled: no
-{parent_auth_zone}"""
+{auth_zones}"""
 
-PARENT_AUTH_ZONE = """
+AUTH_ZONE = """
 auth-zone:
-    name: "{parent}"
+    name: "{name}"
     zonefile: "{zonefile}"
     for-downstream: yes
     for-upstream: no
     fallback-enabled: no
 """
+
+
+def wait_for_reply(proc: subprocess.Popen | None, host: str, port: int,
+                   timeout: float) -> dns.message.Message | None:
+    """The first reply of a starting resolver to a SOA query for the test
+    zone, or None when `proc` exits or `timeout` passes first."""
+    end = time.monotonic() + timeout
+    query = dns.message.make_query(zone.ORIGIN, "SOA")
+    while time.monotonic() < end:
+        if proc is None or proc.poll() is not None:
+            return None
+        try:
+            return dns.query.udp(query, host, port=port, timeout=0.2)
+        except (OSError, dns.exception.Timeout):
+            time.sleep(0.05)
+    return None
 
 
 def signing_tools_available() -> bool:
@@ -172,15 +182,15 @@ class Unbound(Endpoint):
             self.port = free_port(*hosts)
             conf = self.directory / "unbound.conf"
             conf.write_text(UNBOUND_CONF.format(
-                port=self.port, dir=self.directory, origin=zone.ORIGIN, zonefile=zonefile,
+                port=self.port, dir=self.directory, origin=zone.ORIGIN,
                 ipv6_interface=f"    interface: ::1@{self.port}" if self.ipv6 else "",
                 do_ip6="yes" if self.ipv6 else "no",
                 reuseport="yes" if self.reuseport else "no",
                 parent_local_zone=f'    local-zone: "{zone.PARENT}" transparent\n'
                 if self.parent_zonefile else "",
-                parent_auth_zone=PARENT_AUTH_ZONE.format(parent=zone.PARENT,
-                                                         zonefile=self.parent_zonefile)
-                if self.parent_zonefile else "",
+                auth_zones=AUTH_ZONE.format(name=zone.ORIGIN, zonefile=zonefile)
+                + (AUTH_ZONE.format(name=zone.PARENT, zonefile=self.parent_zonefile)
+                   if self.parent_zonefile else ""),
             ))
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(
@@ -194,18 +204,8 @@ class Unbound(Endpoint):
         raise RuntimeError(f"unbound did not start:\n{last_error}")
 
     def _wait_ready(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        query = dns.message.make_query(zone.ORIGIN, "SOA")
-        while time.monotonic() < end:
-            if self.proc is None or self.proc.poll() is not None:
-                return False
-            try:
-                reply = dns.query.udp(query, self.host, port=self.port, timeout=0.2)
-            except (OSError, dns.exception.Timeout):
-                time.sleep(0.05)
-                continue
-            return reply.rcode() == dns.rcode.NOERROR and bool(reply.answer)
-        return False
+        reply = wait_for_reply(self.proc, self.host, self.port, timeout)
+        return reply is not None and reply.rcode() == dns.rcode.NOERROR and bool(reply.answer)
 
     def stop(self) -> int | None:
         if self.proc is None:

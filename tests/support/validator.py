@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
-
-import dns.exception
-import dns.message
-import dns.query
 
 from support import zone
 from support.net import Endpoint, free_port
 from support.procs import stop_process
+from support.unbound import wait_for_reply
 
 CONF = """\
 server:
@@ -111,18 +107,7 @@ class Validator(Endpoint):
         raise RuntimeError(f"validating unbound did not start:\n{last}")
 
     def _wait_ready(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        query = dns.message.make_query(zone.ORIGIN, "SOA")
-        while time.monotonic() < end:
-            if self.proc is None or self.proc.poll() is not None:
-                return False
-            try:
-                dns.query.udp(query, self.host, port=self.port, timeout=0.5)
-            except (OSError, dns.exception.Timeout):
-                time.sleep(0.05)
-                continue
-            return True
-        return False
+        return wait_for_reply(self.proc, self.host, self.port, timeout) is not None
 
     def control(self, *args: str) -> str:
         """unbound-control ARGS against this unbound; its output."""

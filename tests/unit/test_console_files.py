@@ -42,10 +42,6 @@ async def test_page_and_files_are_served_with_a_strict_csp(admin: str) -> None:
             assert await response.read() == (HERE / name).read_bytes()
         assert (await client.get("/console/__init__.py")).status == 404
         assert (await client.get("/console/..%2f__init__.py")).status == 404
-        routes = await (await client.get("/console/routes.json")).json()
-        assert "GET /api/runs/{run}" in routes["routes"]
-        assert "POST /api/scenarios/{name}/start" in routes["routes"]
-        assert all(r.split(" ")[1].startswith("/api/") for r in routes["routes"])
         # The data behind the page keeps its rules: off loopback reads need
         # the token, on loopback they do not; mutations always do.
         status = (await client.get("/api/status")).status
