@@ -61,10 +61,21 @@ NEEDED_BINARIES = {
     "taskset": "util-linux",
 }
 ALL_CONTESTANTS = ["nsd-direct", "dnsdist", "dnsmasq", "dnschaos"]
-OPTIONAL_CONTESTANTS = ["dnschaos-nodeps", "dnschaos-control"]
+OPTIONAL_CONTESTANTS = ["dnschaos-nodeps", "dnschaos-control", "dnschaos-w2", "dnschaos-python"]
 """Only with --only: dnschaos without its dependency map (--no-deps), to show
 the map's cost; dnschaos following a shared control plane (--control, a
-redis-server started here), to show that it costs nothing per query."""
+redis-server started here), to show that it costs nothing per query;
+dnschaos with two worker processes (--workers 2), beside one; dnschaos with
+its compiled relay turned off (DNSCHAOS_ACCEL=0), the pure-Python path."""
+SUITE = [
+    {"label": "pinned, no rules", "pin": True, "rules": 0, "workers": None,
+     "names": ["dnsdist", "dnschaos", "dnschaos-python"]},
+    {"label": "pinned, 100 rules", "pin": True, "rules": 100, "workers": None,
+     "names": ["dnsdist", "dnschaos", "dnschaos-python"]},
+    {"label": "unpinned, no rules", "pin": False, "rules": 0, "workers": None,
+     "names": ["dnsdist", "dnschaos", "dnschaos-w2"]},
+]
+"""`--suite`: the layouts of the README's table, measured in one run."""
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -342,7 +353,8 @@ def start_redis(procs: Procs, d: Path) -> int:
     raise RuntimeError("redis-server did not start: " + (d / "redis" / "output.log").read_text())
 
 
-def start_nsd(procs: Procs, bins: dict, d: Path, zone: Path, port: int, cpu: int | None) -> None:
+def start_nsd(procs: Procs, bins: dict, d: Path, zone: Path, port: int,
+              cpu: int | None) -> subprocess.Popen:
     # rrl-ratelimit 0: Debian's NSD enables response rate limiting (200 per
     # second per source /24 and response class).  Every contestant sends from
     # 127.0.0.1, so RRL would drop or truncate its queries and measure NSD's
@@ -379,6 +391,7 @@ zone:
     lf = nd / "stdout.log"
     p = procs.start("nsd", [bins["nsd"], "-d", "-c", str(conf)], lf, cpu)
     wait_ready(port, p, "nsd", lf, 20)
+    return p
 
 
 # ---------------------------------------------------------------------------
@@ -439,7 +452,8 @@ newServer{{address='127.0.0.1:{upstream}', name='nsd', checkName='h0.{ZONE}', ch
                f"--server=127.0.0.1#{upstream}", f"--port={port}",
                "--listen-address=127.0.0.1", "--bind-interfaces", "--pid-file=",
                f"--dns-forward-max={args.dnsmasq_forward_max}", "--log-facility=-", *extra]
-    elif name in ("dnschaos", "dnschaos-nodeps", "dnschaos-control") \
+    elif name in ("dnschaos", "dnschaos-nodeps", "dnschaos-control", "dnschaos-w2",
+                  "dnschaos-python") \
             or name.startswith("dnschaos@"):
         base = dnschaos_command() if "@" not in name else args.baseline_cmd
         if base is None:
@@ -454,13 +468,17 @@ newServer{{address='127.0.0.1:{upstream}', name='nsd', checkName='h0.{ZONE}', ch
             cmd += ["--workers", str(args.workers)]
         if name == "dnschaos-nodeps":
             cmd.append("--no-deps")
+        if name == "dnschaos-w2":
+            cmd += ["--workers", "2"]
         if name == "dnschaos-control":
             cmd += ["--control", f"redis://127.0.0.1:{args.redis_port}/0"]
         cmd += extra + shlex.split(args.proxy_args or "")
         ready_timeout = 40.0
     else:
         raise ValueError(name)
-    env = {**os.environ, "PYTHONPATH": str(d / "baseline")} if "@" in name else None
+    env = {**os.environ, "PYTHONPATH": str(d.parent / "baseline")} if "@" in name else None
+    if name == "dnschaos-python":
+        env = {**os.environ, "DNSCHAOS_ACCEL": "0"}
     p = procs.start(name, cmd, lf, cpu, env)
     wait_ready(port, p, name, lf, ready_timeout)
     return port, p
@@ -510,6 +528,50 @@ def cpu_seconds(proc: subprocess.Popen | None) -> float | None:
             total += int(fields[11]) + int(fields[12])  # utime, stime
             found = True
     return total / os.sysconf("SC_CLK_TCK") if found else None
+
+
+def group_pids(leader: int) -> list[int]:
+    """The processes of the process group `leader` leads."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == leader:
+                pids.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return pids
+
+
+def udp_drops(procs: list[subprocess.Popen | None]) -> int | None:
+    """Datagrams the kernel dropped for a full receive buffer on the UDP
+    sockets these processes (and their groups: workers, NSD's children) hold:
+    the `drops` column of /proc/net/udp and udp6, per socket, so another
+    program's losses on the machine do not count.  Read before and after a run."""
+    inodes = set()
+    for proc in procs:
+        if proc is None:
+            continue
+        for pid in group_pids(proc.pid):
+            try:
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+            except OSError:
+                continue
+    if not inodes:
+        return None
+    total = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[9] in inodes:
+                total += int(fields[-1])
+    return total
 
 
 def parse_dnsperf_summary(text: str) -> dict:
@@ -620,6 +682,9 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="REV", default=None,
                     help="also measure dnschaos at git revision REV (contestant dnschaos@REV), "
                          "to compare a change with what it changes")
+    ap.add_argument("--suite", action="store_true",
+                    help="the README's table in one run: " + "; ".join(s["label"] for s in SUITE)
+                    + " (--only, --rules, --workers and --no-pin are then ignored)")
     ap.add_argument("--output", default=str(RESULTS_DIR / "latest.json"))
     args = ap.parse_args()
 
@@ -638,14 +703,15 @@ def main() -> int:
 
     bins = ensure_tools()
     ncpu = os.cpu_count() or 1
-    pin = not args.no_pin and ncpu >= 2
-    if not pin and not args.no_pin:
+    if ncpu < 2 and not args.no_pin:
         log("fewer than 2 CPUs: running unpinned")
-    gen_cpu, srv_cpu = (0, 1) if pin else (None, None)
-
+    sets = SUITE if args.suite else [
+        {"label": "", "pin": not args.no_pin, "rules": args.rules, "names": names,
+         "workers": args.workers}]
     machine = machine_info()
-    versions = tool_versions(bins, dnschaos_command() if "dnschaos" in names else None)
-    results: list[dict] = []
+    versions = tool_versions(bins, dnschaos_command() if any(
+        n.startswith("dnschaos") for st in sets for n in st["names"]) else None)
+    tables: list[tuple[dict, list[dict]]] = []
     procs = Procs()
     tmp = Path(tempfile.mkdtemp(prefix="dnschaos-bench-"))
     interrupted = False
@@ -658,59 +724,11 @@ def main() -> int:
         args.baseline_cmd = baseline_command(args.baseline, tmp / "baseline") \
             if args.baseline else None
         zone, qfile = write_zone(tmp)
-        upstream = free_port()
-        start_nsd(procs, bins, tmp, zone, upstream, srv_cpu)
-        log(f"nsd ready on 127.0.0.1:{upstream}")
-        if "dnschaos-control" in names:
-            args.redis_port = start_redis(procs, tmp)
-        closed_extra = ["-c", str(args.clients), "-q", str(args.outstanding), "-t", "2"]
-        # enough outstanding for the rate even at ~50 ms latency
-        lat_q = max(100, args.rate // 20)
-        lat_extra = ["-Q", str(args.rate), "-c", str(args.clients), "-q", str(lat_q), "-t", "2", "-v"]
-        for name, round_no in [(n, r + 1) for r in range(args.rounds) for n in names]:
-            res: dict = {"contestant": name, "round": round_no}
-            results.append(res)
-            proc = None
-            try:
-                port, proc = start_contestant(name, procs, bins, tmp, upstream, srv_cpu, args)
-                log(f"{name}: ready on 127.0.0.1:{port}; warm-up {args.warmup}s")
-                res["loadavg_before"] = os.getloadavg()
-                if args.warmup > 0:
-                    dnsperf(bins, port, qfile, args.warmup, gen_cpu, closed_extra)
-                log(f"{name}: closed loop {args.duration}s")
-                closed, _ = dnsperf(bins, port, qfile, args.duration, gen_cpu, closed_extra)
-                res["closed_loop"] = closed
-                log(f"{name}: {closed['qps']:.0f} q/s, lost {closed['lost_pct']:.2f}%; "
-                    f"latency run at {args.rate} q/s")
-                time.sleep(0.5)
-                vfile = tmp / f"{name}.verbose.txt"
-                cpu_before = cpu_seconds(proc)
-                fixed, _ = dnsperf(bins, port, qfile, args.duration, gen_cpu, lat_extra, vfile)
-                cpu_after = cpu_seconds(proc)
-                if cpu_before is not None and cpu_after is not None and fixed.get("completed"):
-                    # CPU the contestant used per answered query, at the fixed rate.
-                    fixed["cpu_us_per_query"] = (cpu_after - cpu_before) / fixed["completed"] * 1e6
-                fixed.update(percentiles_from_verbose(vfile, [50, 99, 99.9]))
-                vfile.unlink()
-                res["fixed_rate"] = fixed
-                log(f"{name}: p50 {fmt(fixed['p50_ms'], 3)}, p99 {fmt(fixed['p99_ms'], 3)} (ms), "
-                    f"achieved {fixed['qps']:.0f} q/s, lost {fixed['lost_pct']:.2f}%")
-                if proc is not None and proc.poll() is not None:
-                    res["error"] = f"{name} exited during the run (rc {proc.returncode})"
-                res["loadavg_after"] = os.getloadavg()
-                expected = {"NOERROR", "NXDOMAIN"} if args.rules and args.faulted_every else {"NOERROR"}
-                bad_rc = {k: v for r in (closed, fixed) for k, v in r["rcodes"].items()
-                          if k not in expected}
-                if bad_rc:
-                    res["warning"] = f"non-NOERROR responses: {bad_rc}"
-                    log(f"{name}: WARNING {res['warning']}")
-            except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
-                res["error"] = str(e)
-                log(f"{name}: ERROR {e}")
-            finally:
-                if proc is not None:
-                    procs.stop(proc, name)
-            time.sleep(1)
+        for number, spec in enumerate(sets):
+            spec = {**spec, "pin": spec["pin"] and ncpu >= 2}
+            results: list[dict] = []
+            tables.append((spec, results))
+            measure_set(spec, args, bins, procs, tmp / f"set{number}", zone, qfile, results)
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         log(f"ERROR (setup): {e}")
         return 1
@@ -721,8 +739,79 @@ def main() -> int:
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
-        finish(results, args, machine, versions, names, pin, interrupted)
-    return 1 if any("error" in r for r in results) else 0
+        finish(tables, args, machine, versions, interrupted)
+    return 1 if any("error" in r for _, results in tables for r in results) else 0
+
+
+def measure_set(spec: dict, args: argparse.Namespace, bins: dict, procs: Procs, d: Path,
+                zone: Path, qfile: Path, results: list[dict]) -> None:
+    """One layout (pinned or not, with or without rules): NSD started for it,
+    every contestant measured `args.rounds` times, interleaved."""
+    d.mkdir()
+    gen_cpu, srv_cpu = (0, 1) if spec["pin"] else (None, None)
+    run_args = argparse.Namespace(**{**vars(args), "rules": spec["rules"],
+                                     "workers": spec["workers"]})
+    upstream = free_port()
+    nsd = start_nsd(procs, bins, d, zone, upstream, srv_cpu)
+    log(f"nsd ready on 127.0.0.1:{upstream}" + (f" ({spec['label']})" if spec["label"] else ""))
+    if "dnschaos-control" in spec["names"]:
+        run_args.redis_port = start_redis(procs, d)
+    closed_extra = ["-c", str(args.clients), "-q", str(args.outstanding), "-t", "2"]
+    # enough outstanding for the rate even at ~50 ms latency
+    lat_q = max(100, args.rate // 20)
+    lat_extra = ["-Q", str(args.rate), "-c", str(args.clients), "-q", str(lat_q), "-t", "2", "-v"]
+    for name, round_no in [(n, r + 1) for r in range(args.rounds) for n in spec["names"]]:
+        res: dict = {"contestant": name, "round": round_no}
+        results.append(res)
+        proc = None
+        try:
+            port, proc = start_contestant(name, procs, bins, d, upstream, srv_cpu, run_args)
+            log(f"{name}: ready on 127.0.0.1:{port}; warm-up {args.warmup}s")
+            res["loadavg_before"] = os.getloadavg()
+            if args.warmup > 0:
+                dnsperf(bins, port, qfile, args.warmup, gen_cpu, closed_extra)
+            log(f"{name}: closed loop {args.duration}s")
+            closed, _ = dnsperf(bins, port, qfile, args.duration, gen_cpu, closed_extra)
+            res["closed_loop"] = closed
+            log(f"{name}: {closed['qps']:.0f} q/s, lost {closed['lost_pct']:.2f}%; "
+                f"latency run at {args.rate} q/s")
+            time.sleep(0.5)
+            vfile = d / f"{name}.verbose.txt"
+            cpu_before = cpu_seconds(proc)
+            overflows_before = udp_drops([proc, nsd])
+            fixed, _ = dnsperf(bins, port, qfile, args.duration, gen_cpu, lat_extra, vfile)
+            cpu_after = cpu_seconds(proc)
+            overflows_after = udp_drops([proc, nsd])
+            if overflows_before is not None and overflows_after is not None:
+                fixed["udp_overflows"] = overflows_after - overflows_before
+            if cpu_before is not None and cpu_after is not None and fixed.get("completed"):
+                # CPU the contestant used per answered query, at the fixed rate.
+                fixed["cpu_us_per_query"] = (cpu_after - cpu_before) / fixed["completed"] * 1e6
+            fixed.update(percentiles_from_verbose(vfile, [50, 99, 99.9]))
+            vfile.unlink()
+            res["fixed_rate"] = fixed
+            log(f"{name}: p50 {fmt(fixed['p50_ms'], 3)}, p99 {fmt(fixed['p99_ms'], 3)} (ms), "
+                f"achieved {fixed['qps']:.0f} q/s, lost {fixed['lost_pct']:.2f}%, "
+                f"UDP drops (full receive buffers, its and NSD's sockets) "
+                f"{fixed.get('udp_overflows', '?')}")
+            if proc is not None and proc.poll() is not None:
+                res["error"] = f"{name} exited during the run (rc {proc.returncode})"
+            res["loadavg_after"] = os.getloadavg()
+            expected = {"NOERROR", "NXDOMAIN"} if spec["rules"] and args.faulted_every \
+                else {"NOERROR"}
+            bad_rc = {k: v for r in (closed, fixed) for k, v in r["rcodes"].items()
+                      if k not in expected}
+            if bad_rc:
+                res["warning"] = f"non-NOERROR responses: {bad_rc}"
+                log(f"{name}: WARNING {res['warning']}")
+        except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+            res["error"] = str(e)
+            log(f"{name}: ERROR {e}")
+        finally:
+            if proc is not None:
+                procs.stop(proc, name)
+        time.sleep(1)
+    procs.stop(nsd, "nsd")
 
 
 def median_summary(summaries: list[dict]) -> dict:
@@ -735,11 +824,10 @@ def median_summary(summaries: list[dict]) -> dict:
     return out
 
 
-def finish(results, args, machine, versions, names, pin, interrupted=False) -> None:
-    if not results:
-        return
+def summarize(results: list[dict]) -> None:
+    """Each result's summary; ratios are to dnsdist in the same round and
+    layout, measured minutes apart at most."""
     for r in results:
-        # Ratios are to dnsdist in the same round, measured minutes apart at most.
         base = next((b for b in results if b["contestant"] == "dnsdist" and "closed_loop" in b
                      and b.get("round") == r.get("round")), None)
         base_qps = base["closed_loop"]["qps"] if base else None
@@ -758,66 +846,83 @@ def finish(results, args, machine, versions, names, pin, interrupted=False) -> N
             "rate_achieved_qps": f["qps"] if f else None,
             "rate_lost_pct": f["lost_pct"] if f else None,
             "cpu_us_per_query": f.get("cpu_us_per_query") if f else None,
+            "udp_overflows": f.get("udp_overflows") if f else None,
         }
-    medians = {name: median_summary([r["summary"] for r in results if r["contestant"] == name])
-               for name in names}
+
+
+def finish(tables: list[tuple[dict, list[dict]]], args, machine, versions,
+           interrupted=False) -> None:
+    if not any(results for _, results in tables):
+        return
+    sets = []
+    for spec, results in tables:
+        summarize(results)
+        medians = {name: median_summary([r["summary"] for r in results
+                                         if r["contestant"] == name])
+                   for name in spec["names"]}
+        sets.append({"layout": spec["label"] or None,
+                     "pinning": "dnsperf on CPU 0; contestant + nsd on CPU 1" if spec["pin"]
+                     else "none",
+                     "rules": spec["rules"], "workers": spec["workers"],
+                     "contestants": spec["names"], "medians": medians, "results": results})
     machine["loadavg_end"] = os.getloadavg()
     doc = {
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "interrupted": interrupted,
         "machine": machine,
         "versions": versions,
+        "command": shlex.join([sys.executable, *sys.argv]),
         "params": {
             "duration_s": args.duration, "warmup_s": args.warmup, "rate_qps": args.rate,
-            "clients": args.clients, "outstanding": args.outstanding,
-            "proxy_args": args.proxy_args, "workers": args.workers,
-            "dnsmasq_forward_max": args.dnsmasq_forward_max,
-            "pinning": "dnsperf on CPU 0; contestant + nsd on CPU 1" if pin else "none",
-            "contestants": names, "names_in_zone": N_NAMES, "aaaa_queries": N_AAAA,
-            "rules": args.rules, "faulted_every": args.faulted_every,
+            "clients": args.clients, "outstanding": args.outstanding, "rounds": args.rounds,
+            "proxy_args": args.proxy_args, "dnsmasq_forward_max": args.dnsmasq_forward_max,
+            "names_in_zone": N_NAMES, "aaaa_queries": N_AAAA, "faulted_every": args.faulted_every,
         },
-        "medians": medians,
-        "results": results,
+        "sets": sets,
     }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(jsonable(doc), indent=2) + "\n")
 
     print(f"\n## dnschaos benchmark — {machine['nproc']} CPU(s), {machine['cpu_model']}\n")
-    if args.rules:
-        faulted, _ = rule_names(args.rules, args.faulted_every)
-        print(f"rules: {args.rules} one-name NXDOMAIN rules, {len(faulted)} of the "
-              f"{N_NAMES} queried names faulted\n")
     print(f"closed loop: dnsperf -c {args.clients} -q {args.outstanding}, {args.duration:g}s; "
-          f"latency: -Q {args.rate}, {args.duration:g}s; "
-          f"{'dnsperf on CPU 0, server+nsd on CPU 1' if pin else 'unpinned'}; "
-          f"medians of {args.rounds} interleaved round(s), ratios to dnsdist in the same "
-          f"round (their range in brackets)\n")
-    print("| contestant | QPS | × dnsdist | lost % | p50 ms | p99 ms | p99 × dnsdist "
-          f"| QPS @{args.rate} | lost % @{args.rate} | CPU µs/query @{args.rate} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name in names:
-        s, spread = medians[name]["median"], medians[name]["range"]
-        if s["qps"] is None:
-            print(f"| {name} | error |" + " — |" * 8)
-            continue
+          f"latency: -Q {args.rate}, {args.duration:g}s; medians of {args.rounds} interleaved "
+          f"round(s), ratios to dnsdist in the same round and layout (their range in "
+          f"brackets); pinned: dnsperf on CPU 0, server+nsd on CPU 1\n")
+    print("| layout | contestant | QPS | × dnsdist | lost % | p50 ms | p99 ms | p99 × dnsdist "
+          f"| QPS @{args.rate} | CPU µs/query @{args.rate} | UDP overflows @{args.rate} |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for spec, one in zip((spec for spec, _ in tables), sets):
+        layout = spec["label"] or (("pinned" if spec["pin"] else "unpinned")
+                                   + (f", {spec['rules']} rules" if spec["rules"] else ""))
+        for name in spec["names"]:
+            s, spread = one["medians"][name]["median"], one["medians"][name]["range"]
+            if s.get("qps") is None:
+                print(f"| {layout} | {name} | error |" + " — |" * 8)
+                continue
 
-        def ratio(key: str) -> str:
-            low, high = spread[key]
-            return fmt(s[key], 2) + (f" ({fmt(low, 2)}–{fmt(high, 2)})"
-                                     if low is not None and low != high else "")
+            def ratio(key: str, s=s, spread=spread) -> str:
+                low, high = spread[key]
+                return fmt(s[key], 2) + (f" ({fmt(low, 2)}–{fmt(high, 2)})"
+                                         if low is not None and low != high else "")
 
-        print(f"| {name} | {fmt(s['qps'])} | {ratio('qps_ratio_to_dnsdist')} "
-              f"| {fmt(s['lost_pct'], 2)} | {fmt(s['p50_ms'], 3)} | {fmt(s['p99_ms'], 3)} "
-              f"| {ratio('p99_ratio_to_dnsdist')} | {fmt(s['rate_achieved_qps'])} "
-              f"| {fmt(s['rate_lost_pct'], 2)} | {fmt(s['cpu_us_per_query'], 1)} |")
-    for r in results:
-        if "error" in r:
-            print(f"\n**{r['contestant']} error:**\n```\n{r['error'][-1500:]}\n```")
-        if "warning" in r:
-            print(f"\n**{r['contestant']} warning:** {r['warning']}")
+            print(f"| {layout} | {name} | {fmt(s['qps'])} | {ratio('qps_ratio_to_dnsdist')} "
+                  f"| {fmt(s['lost_pct'], 2)} | {fmt(s['p50_ms'], 3)} | {fmt(s['p99_ms'], 3)} "
+                  f"| {ratio('p99_ratio_to_dnsdist')} | {fmt(s['rate_achieved_qps'])} "
+                  f"| {fmt(s['cpu_us_per_query'], 1)} | {fmt(s['udp_overflows'])} |")
+    for spec, results in tables:
+        for r in results:
+            if "error" in r:
+                print(f"\n**{r['contestant']} error:**\n```\n{r['error'][-1500:]}\n```")
+            if "warning" in r:
+                print(f"\n**{r['contestant']} warning:** {r['warning']}")
+    if any(spec["rules"] for spec, _ in tables):
+        faulted, _ = rule_names(100, args.faulted_every)
+        print(f"\nrules: one-name NXDOMAIN rules; with 100, {len(faulted)} of the {N_NAMES} "
+              f"queried names are faulted")
     print("\nversions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"load average start/end: {machine['loadavg_start']} / {machine['loadavg_end']}")
+    print(f"command: {doc['command']}")
     print(f"JSON: {out}")
 
 
