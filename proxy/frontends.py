@@ -30,7 +30,7 @@ class UdpFrontend(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        _grow_receive_buffer(transport.get_extra_info("socket"))
+        grow_receive_buffer(transport.get_extra_info("socket"))
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.stats.queries_udp += 1
@@ -43,7 +43,7 @@ class UdpFrontend(asyncio.DatagramProtocol):
 UDP_RECEIVE_BUFFER = 4 << 20  # bytes: absorbs bursts while the loop is busy
 
 
-def _grow_receive_buffer(sock: Any) -> None:
+def grow_receive_buffer(sock: Any) -> None:
     """A larger kernel receive buffer, so a burst (an upstream dying and every
     pending query retried at once) is queued rather than dropped.  Root may
     exceed net.core.rmem_max; others get what the kernel allows."""

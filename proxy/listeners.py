@@ -2,8 +2,8 @@
 started and drained here, for the single process (proxy/server.py) and for
 each worker process (proxy/workers/child.py) alike.
 
-Also the check that an address is free (`probe_free`) and the sockets that
-hold ports for the workers (`reuse_socket`)."""
+Also the check that an address is free (`probe_free`) and the sockets the
+main process binds for its workers (`reuse_socket`)."""
 
 from __future__ import annotations
 
@@ -30,31 +30,39 @@ class Listeners:
         self._frontends: list[UdpFrontend] = []
         self._tcp: list[asyncio.AbstractServer] = []
 
-    async def start(self, listen: list[str], *, reuse_port: bool = False) -> list[str]:
+    async def start(self, listen: list[str], *, bound: list[socket.socket] | None = None,
+                    reuse_port: bool = False) -> list[str]:
         """Bind every address, TCP first so that a port 0 picks a free port that
         UDP then shares.  Without `reuse_port` (one process) a port another
-        program holds is refused; with it (workers) the ports are concrete and
-        shared with the other workers.  Raises ListenError (AddressInUse) after
-        closing what it had bound."""
+        program holds is refused; with it (a restarted worker) the ports are
+        concrete and shared with the other workers.  `bound` (a worker at
+        start): the sockets its main process bound for it, a TCP and a UDP one
+        per address, in order.  Raises ListenError (AddressInUse) after closing
+        what it had bound."""
         loop = asyncio.get_running_loop()
-        for text in listen:
+        for number, text in enumerate(listen):
             host, port = split_hostport(text, DNS_PORT)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            given = bound[2 * number:2 * number + 2] if bound is not None else None
             # The listener's text is known only once bound: the factory reads it from a cell.
             cell: list[str] = []
             proto = "tcp"
             try:
-                tcp = await loop.create_server(
-                    partial(self._tcp_connection, cell), host, port, family=family,
-                    reuse_address=True, reuse_port=reuse_port or None)
+                factory = partial(self._tcp_connection, cell)
+                tcp = await (loop.create_server(factory, sock=given[0]) if given else
+                             loop.create_server(factory, host, port, family=family,
+                                                reuse_address=True, reuse_port=reuse_port or None))
                 self._tcp.append(tcp)
                 port = tcp.sockets[0].getsockname()[1]
                 address = format_hostport(host, port)
                 cell.append(address)
                 proto = "udp"
-                udp, frontend = await loop.create_datagram_endpoint(
-                    partial(UdpFrontend, self.forwarder, address), local_addr=(host, port),
-                    family=family, reuse_port=reuse_port or None)
+                frontend_factory = partial(UdpFrontend, self.forwarder, address)
+                udp, frontend = await (
+                    loop.create_datagram_endpoint(frontend_factory, sock=given[1]) if given
+                    else loop.create_datagram_endpoint(frontend_factory, local_addr=(host, port),
+                                                       family=family,
+                                                       reuse_port=reuse_port or None))
             except OSError as exc:
                 self.close()
                 raise ListenError.from_os_error(text, proto, exc, "--listen") from None

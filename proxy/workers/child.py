@@ -1,8 +1,9 @@
 """The worker process (`python -m proxy.workers --control-fd FD`): a
-Forwarder and a replica Engine behind listeners bound with SO_REUSEPORT.
+Forwarder and a replica Engine behind listening sockets its main process
+bound for it (SO_REUSEPORT; handed over as file descriptors).
 
-It reads the init message (settings, its index, a snapshot of the
-replicated log), restores the snapshot, starts listening, says "ready",
+It reads the init message (settings, its index, its sockets, a snapshot of
+the replicated log), restores the snapshot, starts reading its sockets, says "ready",
 then handles control messages as they arrive, in order: log entries
 (applied, then acknowledged by sequence number; ticks are covered by the
 next acknowledgement), requests (release held queries, probe for loops,
@@ -71,6 +72,10 @@ class Worker:
         self.settings: Settings = init["settings"]
         self.index: int = init["index"]
         self.loop_token: str | None = init.get("loop_token")
+        self.bound = ([socket.socket(fileno=fd) for fd in init["listen_fds"]]
+                      if init.get("listen_fds") else None)
+        """The listening sockets the main process bound for this worker at
+        start; None (a restart): it binds its own, beside the other workers'."""
         self.engine = Engine()
         self.replica = Replica(self.engine, self.index, init["count"])
         self.replica.restore(init["snapshot"])
@@ -88,7 +93,7 @@ class Worker:
         await loop.create_unix_connection(self._control, sock=self.sock)
         assert self.control is not None
         try:
-            await self.listeners.start(self.settings.listen, reuse_port=True)
+            await self.listeners.start(self.settings.listen, bound=self.bound, reuse_port=True)
         except ListenError as exc:
             self.control.send(("failed", str(exc)))
             await asyncio.sleep(0.1)

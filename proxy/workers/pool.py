@@ -22,9 +22,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from proxy.config import DNS_PORT, Settings, format_hostport
+from proxy.config import DNS_PORT, Settings, format_hostport, split_hostport
 from proxy.core.deps import merge_rows
 from proxy.errors import DnschaosError, ListenError
+from proxy.frontends import grow_receive_buffer
 from proxy.listeners import probe_free, reuse_socket
 from proxy.runtime import cancel_and_wait
 from proxy.workers.ipc import Channel
@@ -41,6 +42,7 @@ MONITOR_INTERVAL = 0.1
 MAX_BACKLOG = 64 << 20
 """Bytes of control messages a worker may leave unread before it is killed as stuck."""
 COUNT_PARTS = ("forwarder", "stats", "clients")
+TCP_BACKLOG = 100  # asyncio's default for create_server
 
 
 @dataclass
@@ -96,7 +98,6 @@ class WorkerPool:
         self.loop_token = os.urandom(4).hex()
         """Names this proxy in loop probes: every worker knows the others' probes."""
         self._monitor: asyncio.Task[None] | None = None
-        self._reserved: list[socket.socket] = []
         self._restarts = [0] * count
         self._quick_deaths = [0] * count
         self._restart_at: dict[int, float] = {}
@@ -107,74 +108,95 @@ class WorkerPool:
     # --- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.listen = self._reserve_ports()
+        self.listen = self._concrete_ports()
         self.worker_settings = self.settings.model_copy(update={"listen": self.listen,
                                                                "workers": 1})
+        sockets: list[list[socket.socket]] = []
         try:
+            # Every worker's sockets are bound before any worker starts: each
+            # socket in the port's SO_REUSEPORT group belongs to one worker from
+            # the first query on, and what reaches it before that worker reads
+            # waits in it instead of being lost.
+            sockets = [self._bind_for_worker() for _ in range(self.count)]
             for index in range(self.count):
-                self._spawn(index)
+                self._spawn(index, sockets[index])
             await self._wait_ready(list(range(self.count)), START_TIMEOUT)
         except BaseException:
+            for held in sockets:  # those of workers not spawned
+                for sock in held:
+                    sock.close()
             self.kill_all()
             raise
-        finally:
-            for sock in self._reserved:
-                sock.close()
-            self._reserved.clear()
-        # Probe for loops again now that only workers hold the ports: the
-        # probes they sent at start may have reached a reserving socket.
+        # Probe for loops again now that every worker listens.
         for handle in self._live():
             handle.chan.send(("probe_loops", 0))
         self._monitor = asyncio.get_running_loop().create_task(self._watch(),
                                                                name="worker monitor")
 
-    def _reserve_ports(self) -> list[str]:
-        """The listen addresses with concrete ports, held (SO_REUSEPORT, UDP and
-        TCP) until the workers bind them; a port 0 becomes a free port.
+    def _concrete_ports(self) -> list[str]:
+        """The listen addresses with concrete ports (a port 0 becomes a free
+        port), each checked free for TCP and UDP.
 
-        Every address is first bound without SO_REUSEPORT: a SO_REUSEPORT bind
-        succeeds next to another program's socket that has it set too (unbound,
-        CoreDNS, another dnschaos), and the kernel would then share that
-        program's queries with the workers."""
-        probed = [probe_free(text, DNS_PORT, ("tcp", "udp"), "--listen")
-                  for text in self.settings.listen]
+        The check binds without SO_REUSEPORT: a SO_REUSEPORT bind succeeds next
+        to another program's socket that has it set too (unbound, CoreDNS,
+        another dnschaos), and the kernel would then share that program's
+        queries with the workers."""
         out = []
+        for text in self.settings.listen:
+            host, port = probe_free(text, DNS_PORT, ("tcp", "udp"), "--listen")
+            out.append(format_hostport(host, port))
+        return out
+
+    def _bind_for_worker(self) -> list[socket.socket]:
+        """One worker's listening sockets, bound here and handed to it: per
+        listen address a TCP socket (listening) and a UDP socket, both with
+        SO_REUSEPORT.  Raises ListenError naming the address."""
+        held: list[socket.socket] = []
         text, kind = "", socket.SOCK_STREAM
         try:
-            for text, (host, port) in zip(self.settings.listen, probed, strict=True):  # noqa: B007
+            for text in self.listen:
+                host, port = split_hostport(text, DNS_PORT)
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
                 for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
                     sock = reuse_socket(family, kind)
-                    self._reserved.append(sock)
+                    held.append(sock)
                     sock.bind((host, port))
-                out.append(format_hostport(host, port))
+                    if kind == socket.SOCK_STREAM:
+                        sock.listen(TCP_BACKLOG)
+                    else:
+                        grow_receive_buffer(sock)  # it queues until the worker reads
         except OSError as exc:
-            for sock in self._reserved:
+            for sock in held:
                 sock.close()
-            self._reserved.clear()
             proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
             raise ListenError.from_os_error(text, proto, exc, "--listen") from None
-        return out
+        return held
 
-    def _spawn(self, index: int) -> WorkerHandle:
+    def _spawn(self, index: int, listening: list[socket.socket] | None) -> WorkerHandle:
+        """Start worker `index` with its listening sockets (closed here once it
+        has them: each is then the worker's alone); None: it binds its own."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        listening = listening or []
+        fds = [sock.fileno() for sock in listening]
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy.workers", "--control-fd", str(child.fileno())],
-                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env,
+                pass_fds=[child.fileno(), *fds], stdin=subprocess.DEVNULL, env=env,
                 start_new_session=False)
         finally:
             child.close()
+            for sock in listening:
+                sock.close()
         handle = WorkerHandle(index, proc, Channel(parent), time.monotonic(),
                               restarts=self._restarts[index])
         handle.chan.on_event = lambda event, handle=handle: self._on_event(handle, event)
         handle.chan.attach(asyncio.get_running_loop())
         handle.chan.send(("init", {"settings": self.worker_settings, "index": index,
                                    "count": self.count, "parent": os.getpid(),
-                                   "loop_token": self.loop_token,
+                                   "loop_token": self.loop_token, "listen_fds": fds,
                                    "snapshot": self.calls.snapshot()}))
         self.handles[index] = handle
         return handle
@@ -258,7 +280,9 @@ class WorkerPool:
         self._restarts[index] += 1
         self._restart_at.pop(index, None)
         try:
-            self._spawn(index)
+            # It binds its own sockets (SO_REUSEPORT) once it can read them:
+            # until then the other workers take the port's queries.
+            self._spawn(index, None)
         except OSError as exc:
             log.error("cannot restart worker %d: %s", index, exc)
             self._restart_at[index] = time.monotonic() + 1.0
@@ -318,9 +342,6 @@ class WorkerPool:
                     handle.proc.wait(5)
                 handle.chan.close()
         self.handles = [None] * self.count
-        for sock in self._reserved:
-            sock.close()
-        self._reserved.clear()
 
     # --- the log and requests -----------------------------------------------------------
 

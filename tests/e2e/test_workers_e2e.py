@@ -5,8 +5,10 @@ with the active rules, and no worker outlives the main process."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -224,3 +226,60 @@ def test_workers_exit_when_the_main_process_is_killed(start_proxy):
     for pid in leftover:
         os.kill(pid, signal.SIGKILL)
     assert not leftover, "workers outlived the main process"
+
+
+def test_queries_sent_while_the_workers_start_are_all_answered(start_proxy):
+    """From the first answer on, every query is answered, including those that
+    reach the port while the other worker is still starting: no socket in the
+    port's SO_REUSEPORT group holds queries nobody will read.  (Before, the
+    main process held the port with sockets of its own until every worker was
+    ready, and the queries the kernel gave them were lost.)  A bounded load:
+    64 client sockets (source ports), one query every 0.5 ms, for at most 15 s."""
+    proxy = start_proxy("--workers", "2", admin=False, wait=False)
+    query = bytearray(make_query(zone.WWW, "A").to_wire())
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(64)]
+    sent: dict[tuple[int, int], float] = {}  # (socket, query ID) -> when
+    answered: set[tuple[int, int]] = set()
+    first: float | None = None  # when the first answered query was sent
+
+    def read_answers() -> None:
+        nonlocal first
+        for number in select.select(socks, [], [], 0)[0]:
+            sock = socks.index(number)
+            while True:
+                try:
+                    key = (sock, int.from_bytes(number.recv(4096)[:2], "big"))
+                except (BlockingIOError, ConnectionRefusedError):
+                    break  # refused: sent before any worker listened
+                answered.add(key)
+                if key in sent and (first is None or sent[key] < first):
+                    first = sent[key]
+
+    try:
+        for sock in socks:
+            sock.setblocking(False)
+        end, count = time.monotonic() + 15, 0
+        while time.monotonic() < end and count < 60_000:
+            sock, qid = count % len(socks), count // len(socks)
+            count += 1
+            query[0:2] = qid.to_bytes(2, "big")
+            try:
+                socks[sock].sendto(query, (proxy.host, proxy.port))
+                sent[(sock, qid)] = time.monotonic()
+            except OSError:
+                pass
+            read_answers()
+            if first is not None:
+                end = min(end, first + 1.5)
+            time.sleep(0.0005)
+        poll(lambda: read_answers() or all(
+            key in answered for key, at in sent.items() if first is not None and at >= first),
+            timeout=3)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert first is not None, "no query was answered"
+    after = [key for key, at in sent.items() if at >= first]
+    lost = [key for key in after if key not in answered]
+    assert len(after) > 1000 and not lost, (len(after), len(lost))
+    assert len(worker_pids(proxy.pid)) == 2
