@@ -8,8 +8,10 @@ main process binds for its workers (`reuse_socket`)."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import socket
+import struct
 from functools import partial
 
 from proxy.config import DNS_PORT, format_hostport, split_hostport
@@ -133,6 +135,32 @@ def probe_free(text: str, default_port: int, protocols: tuple[str, ...],
             for sock in held:
                 sock.close()
     raise ListenError(f"cannot listen on {text}: no port free for {' and '.join(protocols)}")
+
+
+SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)  # Linux
+
+
+def spread_queries(sock: socket.socket, count: int) -> bool:
+    """Have the kernel give each datagram for this socket's port to one of the
+    `count` sockets of its SO_REUSEPORT group picked at random, rather than
+    by a hash of the client's address and port: a few clients (a downstream
+    resolver with a handful of ports, a load generator) then still spread
+    evenly over the workers.  A classic BPF program, attached to the group:
+    `A = random; A %= count; return A` (an index past the group's sockets, as
+    while a worker restarts, falls back to the hash).  False where the
+    kernel refuses it (not Linux): the hash stays."""
+    code = b"".join(struct.pack("HBBI", *insn) for insn in (
+        (0x20, 0, 0, 0xFFFFF000 + 56),  # BPF_LD|BPF_W|BPF_ABS, SKF_AD_OFF + SKF_AD_RANDOM
+        (0x94, 0, 0, count),             # BPF_ALU|BPF_MOD|BPF_K
+        (0x16, 0, 0, 0),                 # BPF_RET|BPF_A
+    ))
+    program = ctypes.create_string_buffer(code)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF,
+                        struct.pack("@HP", 3, ctypes.addressof(program)))
+    except OSError:
+        return False
+    return True
 
 
 def reuse_socket(family: int, kind: int) -> socket.socket:

@@ -26,7 +26,7 @@ from proxy.config import DNS_PORT, Settings, format_hostport, split_hostport
 from proxy.core.deps import merge_rows
 from proxy.errors import DnschaosError, ListenError
 from proxy.frontends import grow_receive_buffer
-from proxy.listeners import probe_free, reuse_socket
+from proxy.listeners import probe_free, reuse_socket, spread_queries
 from proxy.runtime import cancel_and_wait
 from proxy.workers.ipc import Channel
 from proxy.workers.merge import combine_forwarder
@@ -118,6 +118,8 @@ class WorkerPool:
             # the first query on, and what reaches it before that worker reads
             # waits in it instead of being lost.
             sockets = [self._bind_for_worker() for _ in range(self.count)]
+            for udp in [sock for sock in sockets[0] if sock.type == socket.SOCK_DGRAM]:
+                spread_queries(udp, self.count)  # one program per port's group
             for index in range(self.count):
                 self._spawn(index, sockets[index])
             await self._wait_ready(list(range(self.count)), START_TIMEOUT)

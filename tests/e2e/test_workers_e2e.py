@@ -99,6 +99,26 @@ def test_queries_spread_over_workers_and_metrics_add_up(proxy):
     assert proxy.health()[0] == 200
 
 
+def test_one_client_port_is_spread_over_both_workers(proxy):
+    """The kernel picks a worker per datagram at random (a BPF program on the
+    port's SO_REUSEPORT group), not by a hash of the client's address and
+    port: the queries of a client that keeps one source port (a downstream
+    resolver's socket, a load generator) go to both workers about evenly.
+    With the hash, all 200 would go to one worker."""
+    per_worker = {w: proxy.metric("dnschaos_worker_queries_total", worker=w) for w in "01"}
+    query = make_query(zone.WWW, "A")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        sock.connect((proxy.host, proxy.port))
+        for qid in range(200):
+            query.id = qid
+            sock.send(query.to_wire())
+            assert int.from_bytes(sock.recv(4096)[:2], "big") == qid
+    got = {w: proxy.metric("dnschaos_worker_queries_total", worker=w) - per_worker[w]
+           for w in "01"}
+    assert sum(got.values()) == 200
+    assert min(got.values()) >= 50, got  # 50/50 at random: below 50 has odds under 1e-12
+
 def test_rule_reaches_every_worker_and_reset_reverts_them(proxy):
     body = {"name": "www-nx", "match": {"name": zone.WWW}, "fault": "nxdomain"}
     status, row = api(proxy, "POST", "/api/rules", body, token=None)
