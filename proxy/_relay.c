@@ -1005,6 +1005,13 @@ error:
     return NULL;
 }
 
+/* next_turn(): the turn counter the orders rotate on, shared with Python's path. */
+static PyObject *
+Relay_next_turn(Relay *r, PyObject *unused)
+{
+    return PyLong_FromUnsignedLongLong(++r->turn);
+}
+
 static PyObject *
 Relay_pending(Relay *r, PyObject *unused)
 {
@@ -1041,6 +1048,8 @@ static PyMethodDef Relay_methods[] = {
     {"take_pending", (PyCFunction)Relay_take_pending, METH_O,
      "take_pending(sock) -> the entries waiting on that socket."},
     {"flush", (PyCFunction)Relay_flush, METH_NOARGS, "The counters since the last flush."},
+    {"next_turn", (PyCFunction)Relay_next_turn, METH_NOARGS,
+     "The next turn of the orders' rotation (shared with the fast path)."},
     {"pending", (PyCFunction)Relay_pending, METH_NOARGS, "Queries waiting for an upstream."},
     {"close", (PyCFunction)Relay_close, METH_NOARGS, "Forget everything pending."},
     {NULL, NULL, 0, NULL},

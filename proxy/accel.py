@@ -51,7 +51,22 @@ def unavailable(forwarder: Any) -> str | None:
         return "recvmmsg/sendmmsg need Linux"
     if forwarder.clock is not time.monotonic:
         return "the forwarder runs on another clock"  # the relay reads CLOCK_MONOTONIC
+    if forwarder.settings.upstream_sockets < 2:
+        return "upstream_sockets is 1: none to spare for the relay"
     return None
+
+
+def relay_sockets(forwarder: Any) -> int:
+    """How many of each upstream's `upstream_sockets` the relay gets (0: the
+    fast path is off): three quarters; the rest carry the Python path's
+    queries (the first from each client, rules' queries, retries, loop probes).
+    Logs why when off."""
+    why = unavailable(forwarder)
+    if why is not None:
+        log.info("UDP fast path off (%s): pure Python", why)
+        return 0
+    count = forwarder.settings.upstream_sockets
+    return count - max(1, count // 4)
 
 
 class ListenerReply:
@@ -76,7 +91,7 @@ class ListenerReply:
 class Accelerator:
     """The relay of one forwarder, its upstream sockets and its listeners."""
 
-    def __init__(self, forwarder: Any, loop: Any) -> None:
+    def __init__(self, forwarder: Any, loop: Any, count: int) -> None:
         self.forwarder = forwarder
         self.loop = loop
         self.sockets: list[socket.socket] = []
@@ -87,7 +102,7 @@ class Accelerator:
         try:
             for upstream in forwarder.upstreams:
                 family = socket.AF_INET6 if ":" in upstream.addr[0] else socket.AF_INET
-                for _ in range(forwarder.settings.upstream_sockets):
+                for _ in range(count):
                     sock = socket.socket(family, socket.SOCK_DGRAM)
                     self.sockets.append(sock)
                     sock.setblocking(False)
@@ -234,16 +249,14 @@ def _add(histogram: Any, data: tuple[list[int], float]) -> None:
     histogram.total += total
 
 
-def attach(forwarder: Any, loop: Any) -> Accelerator | None:
-    """The fast path for `forwarder` (started), or None; logs which path runs."""
-    why = unavailable(forwarder)
-    if why is None:
-        try:
-            accelerator = Accelerator(forwarder, loop)
-        except OSError as exc:
-            why = f"its upstream sockets failed: {exc}"
-        else:
-            log.info("UDP fast path: the C relay (batches of recvmmsg/sendmmsg)")
-            return accelerator
-    log.info("UDP fast path off (%s): pure Python", why)
-    return None
+def attach(forwarder: Any, loop: Any, count: int) -> Accelerator | None:
+    """The fast path for `forwarder`, with `count` sockets per upstream
+    (relay_sockets), or None; logs which path runs."""
+    try:
+        accelerator = Accelerator(forwarder, loop, count)
+    except OSError as exc:
+        log.warning("UDP fast path off (its upstream sockets failed: %s): pure Python", exc)
+        return None
+    log.info("UDP fast path: the C relay (batches of recvmmsg/sendmmsg), %d of %d sockets "
+             "per upstream", count, forwarder.settings.upstream_sockets)
+    return accelerator

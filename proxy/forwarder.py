@@ -161,18 +161,26 @@ class Forwarder(LoopProbes):
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        # With the fast path, `upstream_sockets` are shared out: most are the relay's.
+        count = self.settings.upstream_sockets
+        relayed = accel.relay_sockets(self)
+        await self._open_sockets(count - relayed)
+        self.accel = accel.attach(self, self.loop, relayed) if relayed else None
+        if relayed and self.accel is None:
+            await self._open_sockets(relayed)
+        self.pending_cap = (self.accel.cap if self.accel is not None else
+                            max(1, self.settings.max_pending // max(1, len(self.sockets))))
+        self._recompute_orders()
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    async def _open_sockets(self, count: int) -> None:
         for upstream in self.upstreams:
-            for _ in range(self.settings.upstream_sockets):
+            for _ in range(count):
                 _, protocol = await self.loop.create_datagram_endpoint(
                     lambda u=upstream: UpstreamSocket(self, u), remote_addr=upstream.addr
                 )
                 upstream.sockets.append(protocol)
                 self.sockets.append(protocol)
-        self.accel = accel.attach(self, self.loop)
-        self.pending_cap = (self.accel.cap if self.accel is not None else
-                            max(1, self.settings.max_pending // max(1, len(self.sockets))))
-        self._recompute_orders()
-        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     async def stop(self) -> None:
         if self._sweeper:
@@ -228,7 +236,10 @@ class Forwarder(LoopProbes):
         if not orders:
             self._servfail_now(data, qend, addr, reply_to)
             return
-        self._turn += 1
+        if self.accel is None:
+            self._turn += 1
+        else:  # one rotation for both paths
+            self._turn = self.accel.relay.next_turn()
         self._send_attempt([data[:2], addr, reply_to, tcp, data[12:qend], data,
                             orders[self._turn % len(orders)], 0, 0.0, respond, view, 0.0])
 
