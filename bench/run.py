@@ -684,7 +684,12 @@ def main() -> int:
                 if args.warmup > 0:
                     dnsperf(bins, port, qfile, args.warmup, gen_cpu, closed_extra)
                 log(f"{name}: closed loop {args.duration}s")
+                cpu_before = cpu_seconds(proc)
                 closed, _ = dnsperf(bins, port, qfile, args.duration, gen_cpu, closed_extra)
+                cpu_after = cpu_seconds(proc)
+                if cpu_before is not None and cpu_after is not None and closed.get("completed"):
+                    # At full load: the contestant's CPU per answered query, batching included.
+                    closed["cpu_us_per_query"] = (cpu_after - cpu_before) / closed["completed"] * 1e6
                 res["closed_loop"] = closed
                 log(f"{name}: {closed['qps']:.0f} q/s, lost {closed['lost_pct']:.2f}%; "
                     f"latency run at {args.rate} q/s")
@@ -764,6 +769,7 @@ def finish(results, args, machine, versions, names, pin, interrupted=False) -> N
             "rate_achieved_qps": f["qps"] if f else None,
             "rate_lost_pct": f["lost_pct"] if f else None,
             "cpu_us_per_query": f.get("cpu_us_per_query") if f else None,
+            "closed_cpu_us_per_query": c.get("cpu_us_per_query") if c else None,
         }
     medians = {name: median_summary([r["summary"] for r in results if r["contestant"] == name])
                for name in names}
@@ -800,12 +806,13 @@ def finish(results, args, machine, versions, names, pin, interrupted=False) -> N
           f"medians of {args.rounds} interleaved round(s), ratios to dnsdist in the same "
           f"round (their range in brackets)\n")
     print("| contestant | QPS | × dnsdist | lost % | p50 ms | p99 ms | p99 × dnsdist "
-          f"| QPS @{args.rate} | lost % @{args.rate} | CPU µs/query @{args.rate} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"| QPS @{args.rate} | lost % @{args.rate} | CPU µs/query @{args.rate} "
+          "| CPU µs/query closed loop |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
         s, spread = medians[name]["median"], medians[name]["range"]
         if s["qps"] is None:
-            print(f"| {name} | error |" + " — |" * 8)
+            print(f"| {name} | error |" + " — |" * 9)
             continue
 
         def ratio(key: str) -> str:
@@ -816,7 +823,8 @@ def finish(results, args, machine, versions, names, pin, interrupted=False) -> N
         print(f"| {name} | {fmt(s['qps'])} | {ratio('qps_ratio_to_dnsdist')} "
               f"| {fmt(s['lost_pct'], 2)} | {fmt(s['p50_ms'], 3)} | {fmt(s['p99_ms'], 3)} "
               f"| {ratio('p99_ratio_to_dnsdist')} | {fmt(s['rate_achieved_qps'])} "
-              f"| {fmt(s['rate_lost_pct'], 2)} | {fmt(s['cpu_us_per_query'], 1)} |")
+              f"| {fmt(s['rate_lost_pct'], 2)} | {fmt(s['cpu_us_per_query'], 1)} "
+              f"| {fmt(s.get('closed_cpu_us_per_query'), 1)} |")
     for r in results:
         if "error" in r:
             print(f"\n**{r['contestant']} error:**\n```\n{r['error'][-1500:]}\n```")

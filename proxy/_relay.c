@@ -93,6 +93,7 @@ typedef struct {
     PyObject_HEAD
     int nlisteners;
     int lfd[64];
+    PyObject *lreply[64], *lname[64];  /* each listener's reply_to and text, for handle() */
     int nsocks;
     USock *socks;
     int nups;
@@ -103,7 +104,7 @@ typedef struct {
     int *ofirst;
     PyObject **oorder;
     uint64_t turn;
-    PyObject *gate, *deps_answer, *on_refused;
+    PyObject *engine, *gate, *deps_answer, *on_refused, *handle;
     uint64_t queries_udp, fast, from_upstreams, answers, unmatched, mismatched, send_dropped;
     uint64_t rcodes[16];
     Hist latency;
@@ -286,8 +287,19 @@ clear_orders(Relay *r)
 }
 
 static void
+clear_listeners(Relay *r)
+{
+    for (int i = 0; i < r->nlisteners; i++) {
+        Py_CLEAR(r->lreply[i]);
+        Py_CLEAR(r->lname[i]);
+    }
+    r->nlisteners = 0;
+}
+
+static void
 Relay_dealloc(Relay *r)
 {
+    clear_listeners(r);
     if (r->socks) {
         Relay_clear_pending(r);
         for (int i = 0; i < r->nsocks; i++)
@@ -306,25 +318,29 @@ Relay_dealloc(Relay *r)
     }
     clear_orders(r);
     Py_CLEAR(r->allowed);
+    Py_CLEAR(r->engine);
     Py_CLEAR(r->gate);
     Py_CLEAR(r->deps_answer);
     Py_CLEAR(r->on_refused);
+    Py_CLEAR(r->handle);
     PyMem_Free(r->qtypes);
     PyMem_Free(r->touched);
     PyMem_Free(r->bufs);
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
-/* Relay(sockets, upstreams, cap, gate, deps_answer, on_refused):
- * sockets: [(fd, upstream index)] of connected upstream sockets. */
+/* Relay(sockets, upstreams, cap, engine, gate, deps_answer, on_refused, handle):
+ * sockets: [(fd, upstream index)] of connected upstream sockets; gate() is
+ * asked once per batch while engine.active; handle(data, addr, reply_to,
+ * False, listener) takes the queries the fast path does not. */
 static int
 Relay_init(Relay *r, PyObject *args, PyObject *kwds)
 {
-    PyObject *sockets, *gate, *deps_answer, *on_refused;
+    PyObject *sockets, *engine, *gate, *deps_answer, *on_refused, *handle;
     int nups;
     Py_ssize_t cap;
-    if (!PyArg_ParseTuple(args, "O!inOOO", &PyList_Type, &sockets, &nups, &cap, &gate,
-                          &deps_answer, &on_refused))
+    if (!PyArg_ParseTuple(args, "O!inOOOOO", &PyList_Type, &sockets, &nups, &cap, &engine,
+                          &gate, &deps_answer, &on_refused, &handle))
         return -1;
     if (r->socks) {
         PyErr_SetString(PyExc_RuntimeError, "Relay already initialised");
@@ -380,6 +396,10 @@ Relay_init(Relay *r, PyObject *args, PyObject *kwds)
         }
     r->cap = cap < 1 ? 1 : cap;
     r->rpos = sizeof(r->rnd);
+    Py_INCREF(engine);
+    r->engine = engine;
+    Py_INCREF(handle);
+    r->handle = handle;
     Py_INCREF(gate);
     r->gate = gate;
     Py_INCREF(deps_answer);
@@ -389,17 +409,24 @@ Relay_init(Relay *r, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* add_listener(fd, reply_to, listener) -> index: a bound, non-blocking UDP socket. */
 static PyObject *
-Relay_add_listener(Relay *r, PyObject *arg)
+Relay_add_listener(Relay *r, PyObject *args)
 {
-    int fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred())
+    int fd;
+    PyObject *reply_to, *name;
+    if (!PyArg_ParseTuple(args, "iOU", &fd, &reply_to, &name))
         return NULL;
     if (r->nlisteners >= 64) {
         PyErr_SetString(PyExc_ValueError, "too many listeners");
         return NULL;
     }
-    r->lfd[r->nlisteners] = fd;
+    int i = r->nlisteners;
+    r->lfd[i] = fd;
+    Py_INCREF(reply_to);
+    r->lreply[i] = reply_to;
+    Py_INCREF(name);
+    r->lname[i] = name;
     return PyLong_FromLong(r->nlisteners++);
 }
 
@@ -587,7 +614,33 @@ setup_recv(Relay *r)
 
 /* --- client queries ------------------------------------------------------------ */
 
-/* pump_queries(listener) -> [(data, addr)] the fast path did not take (or None). */
+/* Hand the queries the fast path did not take to Python's handle(); the
+ * first error is raised once the others are handled (the loop logs it). */
+static int
+hand_over(Relay *r, PyObject *slow, int l)
+{
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(slow) && !r->closed; i++) {
+        PyObject *item = PyList_GET_ITEM(slow, i);
+        PyObject *argv[5] = {PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1),
+                             r->lreply[l], Py_False, r->lname[l]};
+        PyObject *res = PyObject_Vectorcall(r->handle, argv, 5, NULL);
+        if (res == NULL) {
+            if (type == NULL)
+                PyErr_Fetch(&type, &value, &tb);
+            else
+                PyErr_Clear();
+        }
+        Py_XDECREF(res);
+    }
+    if (type != NULL) {
+        PyErr_Restore(type, value, tb);
+        return -1;
+    }
+    return 0;
+}
+
+/* pump_queries(listener): the listener's reader. */
 static PyObject *
 Relay_pump_queries(Relay *r, PyObject *arg)
 {
@@ -640,7 +693,15 @@ Relay_pump_queries(Relay *r, PyObject *arg)
             }
             if (ip != NULL) {
                 if (gate_all == -1 && gate == NULL) {
-                    gate = PyObject_CallNoArgs(r->gate);
+                    /* No live run: no need to call the gate at all. */
+                    PyObject *act = PyObject_GetAttrString(r->engine, "active");
+                    int active = act ? PyObject_IsTrue(act) : -1;
+                    Py_XDECREF(act);
+                    if (active < 0) {
+                        PyErr_Clear();
+                        active = 1;
+                    }
+                    gate = active ? PyObject_CallNoArgs(r->gate) : Py_NewRef(Py_None);
                     if (gate == NULL) {
                         PyErr_Clear();  /* Python's path meets the same error and counts it */
                         gate_all = 0;
@@ -748,13 +809,17 @@ Relay_pump_queries(Relay *r, PyObject *arg)
             for (int k = 0; k < r->nsocks; k++)
                 if (r->socks[k].nq)
                     send_upstream(r, &r->socks[k]);
+        tell_refused(r);
+        if (slow != NULL) {
+            int failed = hand_over(r, slow, l);
+            Py_CLEAR(slow);
+            if (failed || r->closed)
+                return failed ? NULL : Py_NewRef(Py_None);
+        }
         if (got < BATCH)
             break;
     }
-    tell_refused(r);
-    if (slow == NULL)
-        Py_RETURN_NONE;
-    return slow;
+    Py_RETURN_NONE;
 error:
     Py_XDECREF(slow);
     return NULL;
@@ -1023,25 +1088,27 @@ Relay_close(Relay *r, PyObject *unused)
 {
     Relay_clear_pending(r);
     clear_orders(r);
-    r->nlisteners = 0;
+    clear_listeners(r);
     r->closed = 1;
     /* The callables refer back to the forwarder: let the cycle go. */
+    Py_CLEAR(r->engine);
     Py_CLEAR(r->gate);
     Py_CLEAR(r->deps_answer);
     Py_CLEAR(r->on_refused);
+    Py_CLEAR(r->handle);
     Py_RETURN_NONE;
 }
 
 static PyMethodDef Relay_methods[] = {
-    {"add_listener", (PyCFunction)Relay_add_listener, METH_O,
-     "add_listener(fd) -> index: a bound, non-blocking UDP listener socket."},
+    {"add_listener", (PyCFunction)Relay_add_listener, METH_VARARGS,
+     "add_listener(fd, reply_to, listener) -> index: a bound, non-blocking UDP socket."},
     {"allow", (PyCFunction)Relay_allow, METH_VARARGS,
      "allow(raw, text): the ACL let this client address through."},
     {"clear_allowed", (PyCFunction)Relay_clear_allowed, METH_NOARGS, "Forget allowed addresses."},
     {"set_orders", (PyCFunction)Relay_set_orders, METH_O,
      "set_orders([(first upstream index, order)])."},
     {"pump_queries", (PyCFunction)Relay_pump_queries, METH_O,
-     "pump_queries(listener) -> [(data, addr)] for Python, or None."},
+     "pump_queries(listener): relay its queries; the rest go to handle()."},
     {"pump_replies", (PyCFunction)Relay_pump_replies, METH_O, "pump_replies(sock)."},
     {"expired", (PyCFunction)Relay_expired, METH_O,
      "expired(cutoff) -> [(sock, query, qend, addr, listener, order, sent, start)]."},

@@ -118,8 +118,8 @@ class Accelerator:
         self.relay = _relay.Relay(
             [(sock.fileno(), self._index[id(u)])
              for sock, u in zip(self.sockets, self.upstream_of, strict=True)],
-            len(forwarder.upstreams), self.cap, self._gate,
-            deps.answer if deps is not None else None, self._refused)
+            len(forwarder.upstreams), self.cap, forwarder.engine, self._gate,
+            deps.answer if deps is not None else None, self._refused, forwarder.handle)
         for number, sock in enumerate(self.sockets):
             loop.add_reader(sock.fileno(), self.relay.pump_replies, number)
 
@@ -127,18 +127,12 @@ class Accelerator:
 
     def listen(self, sock: socket.socket, listener: str) -> None:
         """Serve a bound, non-blocking UDP socket: the relay reads it."""
-        number = self.relay.add_listener(sock.fileno())
         reply_to = ListenerReply(sock)
+        number = self.relay.add_listener(sock.fileno(), reply_to, listener)
         self.listeners.append((sock, reply_to))
-        self.loop.add_reader(sock.fileno(), self._queries, number, reply_to, listener)
+        # The relay hands what it does not take to forwarder.handle itself.
+        self.loop.add_reader(sock.fileno(), self.relay.pump_queries, number)
         self.reading = True
-
-    def _queries(self, number: int, reply_to: ListenerReply, listener: str) -> None:
-        slow = self.relay.pump_queries(number)
-        if slow is not None:
-            handle = self.forwarder.handle
-            for data, addr in slow:
-                handle(data, addr, reply_to, False, listener)
 
     def stop_listening(self) -> None:
         """Drain: read no more queries; the answers to pending ones still go out."""
@@ -177,9 +171,10 @@ class Accelerator:
         return int(self.relay.pending())
 
     def _gate(self) -> Any:
-        """Asked once per batch: None, every query may go fast (no live run);
-        False, none may (the screen is off); else the Screen, whose names and
-        zones the relay looks the queries up in."""
+        """Asked once per batch while engine.active (the relay reads that
+        itself): None, every query may go fast (no live run); False, none may
+        (the screen is off); else the Screen, whose names and zones the relay
+        looks the queries up in."""
         engine = self.forwarder.engine
         if not engine.active:
             return None

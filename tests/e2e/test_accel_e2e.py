@@ -20,7 +20,7 @@ import pytest
 from proxy.core import wire
 from proxy.errors import MalformedQuery
 from support import zone
-from support.dnsutil import assert_same_reply, make_query, udp, udp_raw
+from support.dnsutil import addresses, assert_same_reply, make_query, udp, udp_raw
 from support.fake_upstream import silence, wrong_question
 
 from .gameday_helpers import TOKEN, api
@@ -121,6 +121,26 @@ def test_timeouts_retry_on_the_next_upstream_then_servfail(start_proxy, fake_ups
     assert 0.9 <= time.monotonic() - start < 1.8  # at the deadline, not before
     assert fast(both_dead) == before + 1
     assert both_dead.metric("dnschaos_servfail_sent_total", reason="deadline") == 2
+
+
+def test_an_unreachable_upstream_sends_its_queries_on_at_once(start_proxy, fake_upstream,
+                                                              unbound):
+    """ICMP port unreachable on a relay socket: the upstream is marked down
+    and the query waiting there goes to the next upstream without waiting
+    out its attempt."""
+    first = fake_upstream(tcp=False)
+    proxy = start_proxy(*FAST, "--policy", "sequential", upstreams=[first, unbound])
+    warm(proxy)  # answered by `first`, on the Python path
+    first.stop()  # its port closed: the next query's datagram gets ICMP back
+    before = fast(proxy)
+    start = time.monotonic()
+    reply = udp(make_query(zone.host_name(5), "A"), proxy.host, proxy.port, timeout=3)
+    assert reply.rcode() == dns.rcode.NOERROR and zone.host_address(5) in addresses(reply)
+    assert time.monotonic() - start < 0.25  # not an attempt's 0.25 s
+    assert fast(proxy) == before + 1  # it went out on a relay socket
+    assert proxy.metric("dnschaos_upstream_errors_total", upstream=first.hostport) == 1
+    assert proxy.metric("dnschaos_upstream_timeouts_total", upstream=first.hostport) == 0
+    assert proxy.health()[1]["upstreams"][first.hostport] == "down"
 
 
 def test_a_rule_applies_to_the_next_query_and_others_stay_fast(pair, unbound):
