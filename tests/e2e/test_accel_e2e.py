@@ -169,6 +169,42 @@ def test_a_rule_applies_to_the_next_query_and_others_stay_fast(pair, unbound):
     assert fast(on) == before + 1
 
 
+def test_zones_and_an_unscreened_rule(pair, unbound):
+    """A suffix rule: the relay looks names up under its zones; a rule not
+    filed under names (qtype only) turns the screen off: everything goes
+    through the engine, and only what the rule selects is faulted."""
+    on, _ = pair
+    warm(on)
+    body = {"name": "accel-mail", "match": {"suffix": "mail.example.test"},
+            "fault": "nxdomain", "duration": "5m"}
+    assert api(on, "POST", "/api/rules", body)[0] == 201
+    try:
+        before = fast(on)
+        for name in ("mail.example.test.", "x.MAIL.example.test."):
+            assert udp(make_query(name, "A"), on.host, on.port).rcode() == dns.rcode.NXDOMAIN
+        assert fast(on) == before
+        assert udp(make_query(zone.WWW, "A"), on.host, on.port).rcode() == dns.rcode.NOERROR
+        assert udp(make_query("ail.example.test.", "A"), on.host, on.port).rcode() \
+            == dns.rcode.NXDOMAIN  # not under the zone: the real NXDOMAIN, relayed fast
+        assert fast(on) == before + 2
+    finally:
+        assert api(on, "DELETE", "/api/rules/accel-mail")[0] == 200
+    body = {"name": "accel-txt", "match": {"qtype": "TXT"}, "fault": "refused",
+            "duration": "5m"}
+    assert api(on, "POST", "/api/rules", body)[0] == 201
+    try:
+        before = fast(on)
+        assert udp(make_query(zone.WWW, "TXT"), on.host, on.port).rcode() == dns.rcode.REFUSED
+        query = make_query(zone.WWW, "A")
+        assert_same_reply(udp(query, on.host, on.port), udp(query, unbound.host, unbound.port))
+        assert fast(on) == before  # the screen is off: nothing skips the engine
+    finally:
+        assert api(on, "DELETE", "/api/rules/accel-txt")[0] == 200
+    before = fast(on)
+    assert udp(make_query(zone.WWW, "TXT"), on.host, on.port).rcode() == dns.rcode.NOERROR
+    assert fast(on) == before + 1
+
+
 TRAFFIC = [(zone.WWW, "A"), (zone.WWW, "AAAA"), (zone.MX_TARGET, "A"), (zone.ORIGIN, "MX"),
            (zone.NXDOMAIN_NAME, "A"), (zone.CNAME_HEAD, "A"), (zone.WWW, "TXT"),
            (zone.host_name(7), "A")]
@@ -277,3 +313,19 @@ def test_ids_of_many_queries_in_flight(pair):
             message = dns.message.from_wire(data)
             got[message.id] = str(message.question[0].name)
     assert got == sent
+
+
+def test_workers_relay_too(start_proxy, unbound):
+    proxy = start_proxy("--workers", "2", config={"admin_token": TOKEN})
+    assert proxy.stderr_text().count(RELAY_LOG) == 2  # one line per worker
+    before = {name: proxy.metric(name) for name in (
+        "dnschaos_fast_path_queries_total", "dnschaos_answers_total")}
+    queries = proxy.metric("dnschaos_queries_total", transport="udp")
+    for i in range(20):  # from 20 source ports: the kernel spreads them over the workers
+        query = make_query(zone.host_name(i), "A")
+        assert udp(query, proxy.host, proxy.port).id == query.id
+    grown = {name: proxy.metric(name) - value for name, value in before.items()}
+    assert grown["dnschaos_answers_total"] == 20
+    assert proxy.metric("dnschaos_queries_total", transport="udp") - queries == 20
+    # At most each worker's first query from this address took the Python path.
+    assert 18 <= grown["dnschaos_fast_path_queries_total"] <= 20
