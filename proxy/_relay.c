@@ -583,6 +583,10 @@ send_clients(Relay *r, int count)
         for (int i = 0; i < count; i++)
             if (r->outl[i] == l)
                 batch[m++] = r->out[i];
+        if (r->lfd[l] < 0) {  /* closed: its clients' answers have nowhere to go */
+            r->send_dropped += (uint64_t)m;
+            continue;
+        }
         int done = 0;
         while (done < m) {
             int k = sendmmsg(r->lfd[l], batch + done, (unsigned)(m - done), 0);
@@ -654,6 +658,8 @@ Relay_pump_queries(Relay *r, PyObject *arg)
         return NULL;
     }
     int fd = r->lfd[l];
+    if (fd < 0)
+        Py_RETURN_NONE;
     PyObject *slow = NULL;
     for (int round = 0; round < ROUNDS; round++) {
         setup_recv(r);
@@ -1083,6 +1089,15 @@ Relay_pending(Relay *r, PyObject *unused)
     return PyLong_FromSsize_t(r->pending);
 }
 
+/* forget_listeners(): their sockets are closed; the fd numbers may be reused. */
+static PyObject *
+Relay_forget_listeners(Relay *r, PyObject *unused)
+{
+    for (int i = 0; i < r->nlisteners; i++)
+        r->lfd[i] = -1;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Relay_close(Relay *r, PyObject *unused)
 {
@@ -1118,6 +1133,8 @@ static PyMethodDef Relay_methods[] = {
     {"next_turn", (PyCFunction)Relay_next_turn, METH_NOARGS,
      "The next turn of the orders' rotation (shared with the fast path)."},
     {"pending", (PyCFunction)Relay_pending, METH_NOARGS, "Queries waiting for an upstream."},
+    {"forget_listeners", (PyCFunction)Relay_forget_listeners, METH_NOARGS,
+     "The listeners' sockets are closed: send nothing more on them."},
     {"close", (PyCFunction)Relay_close, METH_NOARGS, "Forget everything pending."},
     {NULL, NULL, 0, NULL},
 };

@@ -96,7 +96,10 @@ class Accelerator:
         self.loop = loop
         self.sockets: list[socket.socket] = []
         self.upstream_of: list[Upstream] = []
-        self.listeners: list[tuple[socket.socket, ListenerReply]] = []
+        self.listeners: list[socket.socket] = []
+        self.replies: list[ListenerReply] = []
+        """Each listener's reply_to, by the relay's listener index (kept after
+        the listeners close: entries that time out later still name theirs)."""
         self.reading = False
         self._index = {id(u): i for i, u in enumerate(forwarder.upstreams)}
         try:
@@ -129,7 +132,8 @@ class Accelerator:
         """Serve a bound, non-blocking UDP socket: the relay reads it."""
         reply_to = ListenerReply(sock)
         number = self.relay.add_listener(sock.fileno(), reply_to, listener)
-        self.listeners.append((sock, reply_to))
+        self.listeners.append(sock)
+        self.replies.append(reply_to)
         # The relay hands what it does not take to forwarder.handle itself.
         self.loop.add_reader(sock.fileno(), self.relay.pump_queries, number)
         self.reading = True
@@ -137,13 +141,15 @@ class Accelerator:
     def stop_listening(self) -> None:
         """Drain: read no more queries; the answers to pending ones still go out."""
         if self.reading:
-            for sock, _ in self.listeners:
+            for sock in self.listeners:
                 self.loop.remove_reader(sock.fileno())
             self.reading = False
 
     def close_listeners(self) -> None:
         self.stop_listening()
-        for sock, _ in self.listeners:
+        if self.listeners:
+            self.relay.forget_listeners()  # before the fd numbers can be reused
+        for sock in self.listeners:
             sock.close()
         self.listeners.clear()
 
@@ -186,7 +192,7 @@ class Accelerator:
     def _entry(self, item: tuple[Any, ...]) -> tuple[Upstream, list[Any]]:
         """A relay attempt as a pending entry of Python's (the proxy/upstreams.py fields)."""
         number, query, qend, addr, listener, order, sent, start = item
-        reply_to = self.listeners[listener][1]
+        reply_to = self.replies[listener]
         return self.upstream_of[number], [query[:2], addr, reply_to, False, query[12:qend],
                                           query, order, 1, sent, None, None, start]
 
