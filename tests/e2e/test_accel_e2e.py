@@ -13,6 +13,7 @@ import random
 import socket
 import time
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
@@ -97,6 +98,49 @@ def test_a_reply_to_another_question_is_not_taken(start_proxy, fake_upstream):
     start = time.monotonic()
     reply = udp(make_query("right2.example.test.", "A"), proxy.host, proxy.port, timeout=3)
     assert reply.rcode() == dns.rcode.SERVFAIL and time.monotonic() - start >= 0.9
+
+
+def _case_flipped(got):
+    """The right answer, with the question's name in upper case (as 0x20 resolvers do)."""
+    wire = bytearray(dns.message.make_response(got.message).to_wire())
+    end = 12 + len(got.message.question[0].name.to_wire())
+    wire[12:end] = bytes(wire[12:end]).upper()
+    return bytes(wire)
+
+
+def _other_type(got):
+    """An answer for the same name but another type."""
+    wire = bytearray(dns.message.make_response(got.message).to_wire())
+    end = 12 + len(got.message.question[0].name.to_wire())
+    wire[end:end + 2] = b"\x00\x10"  # TXT
+    return bytes(wire)
+
+
+def test_the_question_is_compared_ignoring_case_only(start_proxy, fake_upstream):
+    upstream = fake_upstream(_case_flipped)
+    proxy = start_proxy(*FAST, upstreams=[upstream])
+    warm(proxy)
+    before, mismatched = fast(proxy), wrong(proxy)
+    query = make_query("Case.Example.Test.", "A")
+    reply = udp(query, proxy.host, proxy.port)
+    assert reply.id == query.id and reply.rcode() == dns.rcode.NOERROR
+    assert str(reply.question[0].name) == "CASE.EXAMPLE.TEST."
+    assert fast(proxy) == before + 1 and wrong(proxy) == mismatched
+    upstream.handler = _other_type
+    reply = udp(make_query("case.example.test.", "A"), proxy.host, proxy.port, timeout=3)
+    assert reply.rcode() == dns.rcode.SERVFAIL  # never taken: the deadline's answer
+    assert wrong(proxy) >= mismatched + 1
+
+
+def test_a_query_too_long_to_keep_takes_the_python_path(pair, unbound):
+    on, _ = pair
+    warm(on)
+    query = make_query(zone.WWW, "A", options=[dns.edns.GenericOption(12, b"\x00" * 600)])
+    assert len(query.to_wire()) > 512
+    before = fast(on)
+    reply = udp(query, on.host, on.port)
+    assert reply.id == query.id and sorted(addresses(reply)) == sorted(zone.WWW_A)
+    assert fast(on) == before
 
 
 def test_timeouts_retry_on_the_next_upstream_then_servfail(start_proxy, fake_upstream, unbound):
