@@ -476,9 +476,15 @@ newServer{{address='127.0.0.1:{upstream}', name='nsd', checkName='h0.{ZONE}', ch
         ready_timeout = 40.0
     else:
         raise ValueError(name)
-    env = {**os.environ, "PYTHONPATH": str(d.parent / "baseline")} if "@" in name else None
-    if name == "dnschaos-python":
-        env = {**os.environ, "DNSCHAOS_ACCEL": "0"}
+    env = None
+    if "@" in name:
+        env = {**os.environ, "PYTHONPATH": str(d.parent / "baseline")}
+    elif name.startswith("dnschaos"):
+        # This checkout's code (and its built C relay), whichever checkout
+        # the venv's editable install points at.
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        if name == "dnschaos-python":
+            env["DNSCHAOS_ACCEL"] = "0"
     p = procs.start(name, cmd, lf, cpu, env)
     wait_ready(port, p, name, lf, ready_timeout)
     return port, p

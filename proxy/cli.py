@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="this instance's name on the control plane (default HOSTNAME:PID)")
     run.add_argument("--no-uvloop", dest="uvloop", action="store_const", const=False,
                      help="use the standard asyncio event loop")
+    run.add_argument("--no-accel", dest="accelerate", action="store_const", const=False,
+                     help="relay UDP in Python only, without the C fast path")
 
     validate = commands.add_parser("validate", help="check scenario files")
     validate.add_argument("files", nargs="+")
@@ -116,6 +118,7 @@ ENV_SETTINGS = {
     "DNSCHAOS_CONTROL": "control",
     "DNSCHAOS_CONTROL_PREFIX": "control_prefix",
     "DNSCHAOS_INSTANCE_NAME": "instance_name",
+    "DNSCHAOS_ACCEL": "accelerate",
 }
 """Environment variables `dnschaos run` reads, and the setting each sets.
 (DNSCHAOS_ADMIN_LISTEN is where the proxy serves its API; the client
@@ -128,7 +131,8 @@ ENV_RUN = ("DNSCHAOS_SCENARIO", "DNSCHAOS_TIME_SCALE")
 FLAG_SETTINGS = ("listen", "upstreams", "admin", "allow", "policy", "timeout", "deadline",
                  "log_level", "uvloop", "scenario_dir", "max_run_duration", "audit_log",
                  "report_dir", "workers", "metrics_auth", "ended_run_retention", "deps",
-                 "control", "control_grace", "control_prefix", "instance_name")
+                 "control", "control_grace", "control_prefix", "instance_name",
+                 "accelerate")
 
 
 def settings_values(args: argparse.Namespace,

@@ -139,6 +139,9 @@ class Settings(Base):
     tcp_max_connections: Annotated[int, Field(ge=1)] = 1000
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     uvloop: bool = True
+    accelerate: bool = True
+    """Relay plain UDP queries through the C fast path (proxy/accel.py) when it
+    is built; off (or DNSCHAOS_ACCEL=0): everything takes the Python path."""
     scenario_dir: str | None = None
     """Directory of scenario files, watched: added or changed files take effect
     without a restart (SIGHUP re-reads it too); invalid edits are refused."""

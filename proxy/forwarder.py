@@ -55,6 +55,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from proxy import accel
 from proxy.config import Settings, split_hostport
 from proxy.core import wire
 from proxy.core.deps import DepMap
@@ -141,6 +142,8 @@ class Forwarder(LoopProbes):
         self._last_probe = 0.0
         self._upstream_hosts = frozenset(u.addr[0] for u in self.upstreams)
         self._from_upstreams = 0  # queries from an upstream's address since the last sweep
+        self.accel: accel.Accelerator | None = None
+        """The C relay of the UDP fast path (proxy/accel.py), once started; None: off."""
         self.deps: DepMap | None = (DepMap(settings.deps_max_clients, settings.deps_max_names,
                                               settings.deps_max_entries)
                                     if settings.deps else None)
@@ -151,22 +154,33 @@ class Forwarder(LoopProbes):
     @property
     def inflight(self) -> int:
         """Queries waiting for an upstream."""
-        return sum(len(sock.pending) for sock in self.sockets) + len(self._tasks)
+        return (sum(len(sock.pending) for sock in self.sockets) + len(self._tasks)
+                + (self.accel.pending if self.accel is not None else 0))
 
     # --- life cycle --------------------------------------------------------
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        # With the fast path, `upstream_sockets` are shared out: most are the relay's.
+        count = self.settings.upstream_sockets
+        relayed = accel.relay_sockets(self)
+        await self._open_sockets(count - relayed)
+        self.accel = accel.attach(self, self.loop, relayed) if relayed else None
+        if relayed and self.accel is None:
+            await self._open_sockets(relayed)
+        self.pending_cap = (self.accel.cap if self.accel is not None else
+                            max(1, self.settings.max_pending // max(1, len(self.sockets))))
+        self._recompute_orders()
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    async def _open_sockets(self, count: int) -> None:
         for upstream in self.upstreams:
-            for _ in range(self.settings.upstream_sockets):
+            for _ in range(count):
                 _, protocol = await self.loop.create_datagram_endpoint(
                     lambda u=upstream: UpstreamSocket(self, u), remote_addr=upstream.addr
                 )
                 upstream.sockets.append(protocol)
                 self.sockets.append(protocol)
-        self.pending_cap = max(1, self.settings.max_pending // max(1, len(self.sockets)))
-        self._recompute_orders()
-        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     async def stop(self) -> None:
         if self._sweeper:
@@ -176,6 +190,10 @@ class Forwarder(LoopProbes):
         self._delayed.clear()
         for task in list(self._tasks):
             task.cancel()
+        if self.accel is not None:
+            self.flush()
+            self.accel.close()
+            self.accel = None
         for sock in self.sockets:
             if sock.transport:
                 sock.transport.close()
@@ -218,7 +236,10 @@ class Forwarder(LoopProbes):
         if not orders:
             self._servfail_now(data, qend, addr, reply_to)
             return
-        self._turn += 1
+        if self.accel is None:
+            self._turn += 1
+        else:  # one rotation for both paths
+            self._turn = self.accel.relay.next_turn()
         self._send_attempt([data[:2], addr, reply_to, tcp, data[12:qend], data,
                             orders[self._turn % len(orders)], 0, 0.0, respond, view, 0.0])
 
@@ -299,11 +320,21 @@ class Forwarder(LoopProbes):
 
     # --- timeouts and health ------------------------------------------------
 
+    def flush(self) -> None:
+        """Bring the fast path's counters into `stats` (and the upstreams'):
+        called by every sweep and before the counters are read."""
+        if self.accel is not None:
+            self.accel.flush()
+
     def _sweep(self) -> None:
         now = self.clock()
         if self.deps is not None:
             self.deps.tick(time.time())  # the map's clock: one read per sweep, not per query
         sent_before = now - self.attempt_timeout
+        if self.accel is not None:
+            self.accel.flush()  # first: an answer it relayed resets its upstream's fails
+            for upstream, entry in self.accel.expired(sent_before):
+                self._expire(entry, upstream, now)
         for sock in self.sockets:
             pending = sock.pending
             expired = []
@@ -346,7 +377,14 @@ class Forwarder(LoopProbes):
         host unreachable).  Marked down at once; the queries waiting on that
         socket are retried now, each within its attempts, so a set of dead
         upstreams ends in SERVFAIL after a query's attempts, not a storm."""
-        upstream = sock.upstream
+        waiting = list(sock.pending.values())
+        sock.pending.clear()
+        self.upstream_unreachable(sock.upstream, exc, waiting)
+
+    def upstream_unreachable(self, upstream: Upstream, exc: Exception,
+                             waiting: list[list]) -> None:
+        """An ICMP error on one of `upstream`'s sockets; `waiting`: the
+        entries pending on that socket, taken from it."""
         upstream.stats.errors += 1
         upstream.fails += 1
         if upstream.up:
@@ -354,8 +392,6 @@ class Forwarder(LoopProbes):
             log.warning("upstream %s unreachable (%s): marked down", upstream.name,
                         (exc.strerror if isinstance(exc, OSError) else None) or exc)
             self._recompute_orders()
-        waiting = list(sock.pending.values())
-        sock.pending.clear()
         for entry in waiting:
             self._next_attempt(entry)
 
@@ -391,6 +427,8 @@ class Forwarder(LoopProbes):
                 # first choice random per query without a draw per query.
                 orders = [self.rng.choice(orders) for _ in range(64 * len(orders))]
         self._orders = orders if usable else []
+        if self.accel is not None:
+            self.accel.set_orders(self._orders)
 
     # --- TCP retry after truncation -----------------------------------------
 
@@ -517,7 +555,11 @@ class Forwarder(LoopProbes):
             allowed = any(address in net for net in self._allowed)
         if len(self._acl_cache) >= 65536:
             self._acl_cache.clear()
+            if self.accel is not None:
+                self.accel.clear_allowed()
         self._acl_cache[ip] = allowed
+        if allowed and self.accel is not None:
+            self.accel.allow(ip, ip in self._upstream_hosts)  # its next UDP queries may go fast
         return allowed
 
     def _spawn(self, coro: Any) -> None:

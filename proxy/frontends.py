@@ -40,6 +40,22 @@ class UdpFrontend(asyncio.DatagramProtocol):
         log.debug("UDP error: %s", exc)
 
 
+def udp_listener_socket(host: str, port: int, family: int, reuse_port: bool) -> socket.socket:
+    """A bound non-blocking UDP socket, as the loop's datagram endpoint
+    binds one (for the fast path, which reads it itself)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    grow_receive_buffer(sock)
+    return sock
+
+
 UDP_RECEIVE_BUFFER = 4 << 20  # bytes: absorbs bursts while the loop is busy
 
 

@@ -17,7 +17,7 @@ from functools import partial
 from proxy.config import DNS_PORT, format_hostport, split_hostport
 from proxy.errors import ListenError
 from proxy.forwarder import Forwarder
-from proxy.frontends import TcpConnection, UdpFrontend
+from proxy.frontends import TcpConnection, UdpFrontend, udp_listener_socket
 
 
 class Listeners:
@@ -59,17 +59,24 @@ class Listeners:
                 address = format_hostport(host, port)
                 cell.append(address)
                 proto = "udp"
-                frontend_factory = partial(UdpFrontend, self.forwarder, address)
-                udp, frontend = await (
-                    loop.create_datagram_endpoint(frontend_factory, sock=given[1]) if given
-                    else loop.create_datagram_endpoint(frontend_factory, local_addr=(host, port),
-                                                       family=family,
-                                                       reuse_port=reuse_port or None))
+                accel = self.forwarder.accel
+                if accel is not None:  # the C relay reads it (proxy/accel.py)
+                    if given:
+                        given[1].setblocking(False)
+                    accel.listen(given[1] if given else
+                                 udp_listener_socket(host, port, family, reuse_port), address)
+                else:
+                    udp_factory = partial(UdpFrontend, self.forwarder, address)
+                    udp, frontend = await (
+                        loop.create_datagram_endpoint(udp_factory, sock=given[1]) if given
+                        else loop.create_datagram_endpoint(udp_factory, local_addr=(host, port),
+                                                           family=family,
+                                                           reuse_port=reuse_port or None))
+                    self._udp.append(udp)
+                    self._frontends.append(frontend)
             except OSError as exc:
                 self.close()
                 raise ListenError.from_os_error(text, proto, exc, "--listen") from None
-            self._udp.append(udp)
-            self._frontends.append(frontend)
             self.addresses.append(address)
         return self.addresses
 
@@ -81,6 +88,8 @@ class Listeners:
         flight to be answered (the UDP sockets stay open for their answers)."""
         for frontend in self._frontends:
             frontend.handle = _ignore  # type: ignore[method-assign,assignment]
+        if self.forwarder.accel is not None:
+            self.forwarder.accel.stop_listening()
         for tcp in self._tcp:
             tcp.close()
         loop = asyncio.get_running_loop()
@@ -89,6 +98,8 @@ class Listeners:
             await asyncio.sleep(0.02)
 
     def close(self) -> None:
+        if self.forwarder.accel is not None:
+            self.forwarder.accel.close_listeners()
         for udp in self._udp:
             udp.close()
         for tcp in self._tcp:

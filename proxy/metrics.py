@@ -81,6 +81,9 @@ class Traffic(Protocol):
     @property
     def inflight(self) -> int: ...
 
+    def flush(self) -> None:
+        """Bring counters kept elsewhere (the fast path's) into `stats`."""
+
 
 @dataclass(frozen=True)
 class MetricsView:
@@ -98,6 +101,7 @@ class MetricsView:
 
 def local_view(forwarder: Traffic, engine: Any) -> MetricsView:
     """The view of one process: its forwarder and its engine."""
+    forwarder.flush()
     return MetricsView(stats=forwarder.stats, upstreams=forwarder.upstreams,
                        inflight=forwarder.inflight, counts=engine,
                        engine_errors=int(engine.errors))
@@ -162,6 +166,9 @@ class ForwarderCollector(Collector):
                          "Time from a query's arrival to its reply (forwarded or faulted).",
                          [], [([], s.latency)])
         yield _counter("dnschaos_answers", "Upstream answers relayed to clients.", s.answers)
+        yield _counter("dnschaos_fast_path_queries",
+                       "UDP queries the C fast path forwarded without the Python path.",
+                       s.fast_path)
         yield _counter("dnschaos_refused",
                        "Queries refused because the client is not in the allowed networks.",
                        s.refused)

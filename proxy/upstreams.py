@@ -56,16 +56,18 @@ class Upstream:
         self.looped = False  # a loop probe came back to us: never forwarded to
         self.probes: dict[bytes, bytes] = {}  # loop probes sent: ID -> question
         self.stats = UpstreamStats()
+        self.relayed_sent = 0  # by the fast path's own sockets (proxy/accel.py)
+        self.relayed_replies = 0
 
     @property
     def up(self) -> bool:
         return self.down_until == 0.0
 
     def sent(self) -> int:
-        return sum(sock.sent for sock in self.sockets)
+        return sum(sock.sent for sock in self.sockets) + self.relayed_sent
 
     def replies(self) -> int:
-        return sum(sock.replies for sock in self.sockets)
+        return sum(sock.replies for sock in self.sockets) + self.relayed_replies
 
 
 class UpstreamSocket(asyncio.DatagramProtocol):

@@ -66,3 +66,11 @@ def test_nothing_given_gives_the_built_in_defaults():
     settings = load_settings(run_args("--upstream", "127.0.0.1:53"), {})
     assert settings.listen == [DEFAULT_LISTEN] == ["127.0.0.1:1053"]  # 5353 is mDNS
     assert settings.admin == DEFAULT_ADMIN == "127.0.0.1:5380"
+
+
+def test_the_fast_path_is_on_unless_turned_off():
+    up = ["--upstream", "127.0.0.1:53"]
+    assert load_settings(run_args(*up), {}).accelerate is True
+    assert load_settings(run_args(*up), {"DNSCHAOS_ACCEL": "1"}).accelerate is True
+    assert load_settings(run_args(*up), {"DNSCHAOS_ACCEL": "0"}).accelerate is False
+    assert load_settings(run_args(*up, "--no-accel"), {}).accelerate is False
