@@ -22,6 +22,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -949,6 +950,25 @@ Relay_pump_replies(Relay *r, PyObject *arg)
 
 /* --- Python's side: timeouts, errors, counters ------------------------------------ */
 
+/* Append to `out` the entry tuples of the attempts on `s` sent at or before
+ * `cutoff` (oldest first), removing them; -1 on a Python error. */
+static int
+take_sent_before(Relay *r, USock *s, double cutoff, PyObject *out)
+{
+    while (s->head && s->head->sent <= cutoff) {
+        Pend *p = s->head;
+        PyObject *t = pend_tuple(p);
+        if (!t || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            return -1;
+        }
+        Py_DECREF(t);
+        unlink_pend(r, p);
+        free_pend(r, p);
+    }
+    return 0;
+}
+
 /* expired(cutoff) -> [entry tuple] of the attempts sent at or before `cutoff`, removed. */
 static PyObject *
 Relay_expired(Relay *r, PyObject *arg)
@@ -960,18 +980,9 @@ Relay_expired(Relay *r, PyObject *arg)
     if (!out)
         return NULL;
     for (int i = 0; i < r->nsocks; i++) {
-        USock *s = &r->socks[i];
-        while (s->head && s->head->sent <= cutoff) {
-            Pend *p = s->head;
-            PyObject *t = pend_tuple(p);
-            if (!t || PyList_Append(out, t) < 0) {
-                Py_XDECREF(t);
-                Py_DECREF(out);
-                return NULL;
-            }
-            Py_DECREF(t);
-            unlink_pend(r, p);
-            free_pend(r, p);
+        if (take_sent_before(r, &r->socks[i], cutoff, out) < 0) {
+            Py_DECREF(out);
+            return NULL;
         }
     }
     return out;
@@ -991,18 +1002,9 @@ Relay_take_pending(Relay *r, PyObject *arg)
     PyObject *out = PyList_New(0);
     if (!out)
         return NULL;
-    USock *s = &r->socks[si];
-    while (s->head) {
-        Pend *p = s->head;
-        PyObject *t = pend_tuple(p);
-        if (!t || PyList_Append(out, t) < 0) {
-            Py_XDECREF(t);
-            Py_DECREF(out);
-            return NULL;
-        }
-        Py_DECREF(t);
-        unlink_pend(r, p);
-        free_pend(r, p);
+    if (take_sent_before(r, &r->socks[si], HUGE_VAL, out) < 0) {
+        Py_DECREF(out);
+        return NULL;
     }
     return out;
 }
