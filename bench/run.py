@@ -518,34 +518,28 @@ def dnsperf(bins: dict, port: int, qfile: Path, duration: float, cpu: int | None
     return parse_dnsperf_summary(text), stdout_file
 
 
-def cpu_seconds(proc: subprocess.Popen | None) -> float | None:
-    """User + system CPU seconds of a process and every process in its group
-    (its threads, and its children: `--workers N` answers in child processes;
-    each contestant has a process group of its own, see Procs)."""
-    if proc is None:
-        return None
-    total, found = 0, False
+def group_stats(leader: int) -> dict[int, list[str]]:
+    """pid -> the /proc/PID/stat fields after the name, of every process in
+    the process group `leader` leads (each contestant has one, see Procs)."""
+    out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # gone meanwhile
-        if int(fields[2]) == proc.pid:  # pgrp
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-            found = True
-    return total / os.sysconf("SC_CLK_TCK") if found else None
+        if int(fields[2]) == leader:  # pgrp
+            out[int(stat.parent.name)] = fields
+    return out
 
 
-def group_pids(leader: int) -> list[int]:
-    """The processes of the process group `leader` leads."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == leader:
-                pids.append(int(stat.parent.name))
-        except (OSError, ValueError):
-            continue  # gone meanwhile
-    return pids
+def cpu_seconds(proc: subprocess.Popen | None) -> float | None:
+    """User + system CPU seconds of a process and every process in its group
+    (its threads, and its children: `--workers N` answers in child processes)."""
+    if proc is None:
+        return None
+    stats = group_stats(proc.pid)
+    ticks = sum(int(fields[11]) + int(fields[12]) for fields in stats.values())  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK") if stats else None
 
 
 def udp_drops(procs: list[subprocess.Popen | None]) -> int | None:
@@ -557,7 +551,7 @@ def udp_drops(procs: list[subprocess.Popen | None]) -> int | None:
     for proc in procs:
         if proc is None:
             continue
-        for pid in group_pids(proc.pid):
+        for pid in group_stats(proc.pid):
             try:
                 for fd in Path(f"/proc/{pid}/fd").iterdir():
                     target = os.readlink(fd)

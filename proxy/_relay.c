@@ -645,19 +645,29 @@ hand_over(Relay *r, PyObject *slow, int l)
     return 0;
 }
 
+/* `arg` as an index below `count`, or -1 with a Python error set. */
+static int
+index_arg(PyObject *arg, int count, const char *what)
+{
+    long i = PyLong_AsLong(arg);
+    if (i == -1 && PyErr_Occurred())
+        return -1;
+    if (i < 0 || i >= count) {
+        PyErr_Format(PyExc_ValueError, "no such %s", what);
+        return -1;
+    }
+    return (int)i;
+}
+
 /* pump_queries(listener): the listener's reader. */
 static PyObject *
 Relay_pump_queries(Relay *r, PyObject *arg)
 {
-    int l = PyLong_AsLong(arg);
-    if (l == -1 && PyErr_Occurred())
-        return NULL;
     if (r->closed)
         Py_RETURN_NONE;
-    if (l < 0 || l >= r->nlisteners) {
-        PyErr_SetString(PyExc_ValueError, "no such listener");
+    int l = index_arg(arg, r->nlisteners, "listener");
+    if (l < 0)
         return NULL;
-    }
     int fd = r->lfd[l];
     if (fd < 0)
         Py_RETURN_NONE;
@@ -859,13 +869,9 @@ same_question(const unsigned char *d, size_t n, const Pend *p)
 static PyObject *
 Relay_pump_replies(Relay *r, PyObject *arg)
 {
-    int si = PyLong_AsLong(arg);
-    if (si == -1 && PyErr_Occurred())
+    int si = index_arg(arg, r->nsocks, "socket");
+    if (si < 0)
         return NULL;
-    if (si < 0 || si >= r->nsocks) {
-        PyErr_SetString(PyExc_ValueError, "no such socket");
-        return NULL;
-    }
     USock *s = &r->socks[si];
     Ups *u = &r->ups[s->upstream];
     if (r->closed)
@@ -992,13 +998,9 @@ Relay_expired(Relay *r, PyObject *arg)
 static PyObject *
 Relay_take_pending(Relay *r, PyObject *arg)
 {
-    int si = PyLong_AsLong(arg);
-    if (si == -1 && PyErr_Occurred())
+    int si = index_arg(arg, r->nsocks, "socket");
+    if (si < 0)
         return NULL;
-    if (si < 0 || si >= r->nsocks) {
-        PyErr_SetString(PyExc_ValueError, "no such socket");
-        return NULL;
-    }
     PyObject *out = PyList_New(0);
     if (!out)
         return NULL;
