@@ -16,9 +16,10 @@ ARGS ?=
 # zone signing (ldns-utils), the control plane's Redis (redis-server), a real
 # browser for the console's tests (chromium, driven by the playwright
 # package; never `playwright install`) and fonts for its screenshots (only
-# recommended by chromium, and need-debs.sh installs without recommends).
-TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus redis-server chromium fonts-liberation gcc nodejs
-TEST_BINS := unbound unbound-control nsd dig delv ldns-signzone promtool prometheus redis-server chromium gcc node
+# recommended by chromium, and need-debs.sh installs without recommends), and
+# ip and tc (iproute2) to fill the fast path's send buffer in a namespace.
+TEST_DEBS := unbound nsd bind9-dnsutils ldnsutils prometheus redis-server chromium fonts-liberation gcc nodejs iproute2
+TEST_BINS := unbound unbound-control nsd dig delv ldns-signzone promtool prometheus redis-server chromium gcc node ip tc
 BENCH_DEBS := nsd dnsperf dnsdist dnsmasq-base
 BENCH_BINS := nsd dnsperf dnsdist dnsmasq
 # The client behaviour matrix (bench/matrix.py): client stacks and downstream resolvers.

@@ -82,10 +82,9 @@ class ListenerReply:
     def sendto(self, data: bytes, addr: Any) -> None:
         try:
             self.sock.sendto(data, addr)
-        except (BlockingIOError, InterruptedError):
+        except OSError as exc:  # a full send buffer (EAGAIN) above all
             self.dropped += 1
-        except OSError as exc:
-            log.debug("UDP error: %s", exc)
+            log.debug("UDP reply not sent: %s", exc)
 
 
 class Accelerator:
@@ -208,11 +207,15 @@ class Accelerator:
 
     def flush(self) -> None:
         """The relay's counters since the last flush, added to the forwarder's."""
-        (queries, fast, from_upstreams, answers, unmatched, mismatched, _dropped, rcodes,
+        (queries, fast, from_upstreams, answers, unmatched, mismatched, dropped, rcodes,
          latency, qtypes, upstreams) = self.relay.flush()
         fwd = self.forwarder
         fwd._from_upstreams += from_upstreams
         stats = fwd.stats
+        for reply_to in self.replies:  # the Python path's replies on the relay's listeners
+            dropped += reply_to.dropped
+            reply_to.dropped = 0
+        stats.replies_unsent += dropped
         stats.queries_udp += queries
         stats.fast_path += fast
         stats.answers += answers

@@ -169,6 +169,9 @@ class ForwarderCollector(Collector):
         yield _counter("dnschaos_fast_path_queries",
                        "UDP queries the C fast path forwarded without the Python path.",
                        s.fast_path)
+        yield _counter("dnschaos_udp_replies_unsent",
+                       "UDP replies of the C fast path's listeners the kernel did not take "
+                       "(a full send buffer): lost, as a datagram may be.", s.replies_unsent)
         yield _counter("dnschaos_refused",
                        "Queries refused because the client is not in the allowed networks.",
                        s.refused)

@@ -41,7 +41,8 @@ class Stats:
         "servfail_deadline", "servfail_overload", "truncated_retries", "tcp_upstream_errors",
         "unmatched_replies", "mismatched_replies", "servfail_sent",
         "faulted", "fault_dropped", "engine_errors", "tcp_connections", "tcp_rejected",
-        "tcp_idle_closed", "tcp_evicted", "tcp_paused", "fast_path", "qtypes", "rcodes", "latency",
+        "tcp_idle_closed", "tcp_evicted", "tcp_paused", "fast_path", "replies_unsent",
+        "qtypes", "rcodes", "latency",
     )
     queries_udp: int
     queries_tcp: int
@@ -66,6 +67,7 @@ class Stats:
     tcp_evicted: int
     tcp_paused: int
     fast_path: int  # UDP queries the C relay forwarded on its own (proxy/accel.py)
+    replies_unsent: int  # UDP replies on the relay's listeners the kernel did not take
     qtypes: list[int]
     rcodes: list[int]
     latency: Histogram

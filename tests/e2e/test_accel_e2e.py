@@ -8,10 +8,15 @@ the address onto the fast path), so each test warms its client up first.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import dns.edns
 import dns.flags
@@ -24,6 +29,7 @@ from proxy.errors import MalformedQuery
 from support import zone
 from support.dnsutil import addresses, assert_same_reply, make_query, udp, udp_raw
 from support.fake_upstream import silence, wrong_question
+from support.full_send_buffer import BURST
 
 from .gameday_helpers import TOKEN, api
 
@@ -373,3 +379,27 @@ def test_workers_relay_too(start_proxy, unbound):
     assert proxy.metric("dnschaos_queries_total", transport="udp") - queries == 20
     # At most each worker's first query from this address took the Python path.
     assert 18 <= grown["dnschaos_fast_path_queries_total"] <= 20
+
+
+def test_replies_the_kernel_does_not_take_are_counted(tmp_path):
+    """A full send buffer, for real: in a network namespace of its own
+    (tests/support/full_send_buffer.py) the proxy's replies to clients are
+    held in a slow queue while 2,000 queries arrive, so most replies find
+    the listener's send buffer full.  Each one lost is counted, none the
+    client got, and no more than the kernel refused; with nothing held,
+    nothing is counted and every query is answered."""
+    if not all(shutil.which(tool) for tool in ("unshare", "ip", "tc")):
+        pytest.skip("unshare, ip or tc is missing (iproute2 comes with `make test`)")
+    proc = subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", "support.full_send_buffer", str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0 and "unshare" in proc.stderr and "ermission" in proc.stderr:
+        pytest.skip(f"unshare -n is not permitted here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got["answered_before"] == 200 and got["unsent_before"] == 0, got
+    assert got["unsent"] > BURST // 2, got
+    assert got["unsent"] <= BURST - got["answered_held"], got
+    assert got["unsent"] <= got["kernel_sndbuf_errors"], got
+    assert got["fast"] >= BURST, got  # the held burst went the C relay's way
+    assert got["answered_after"] == 200, got
